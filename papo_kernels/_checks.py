@@ -1,0 +1,118 @@
+"""Validation of user input for the public functions.
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
+(wrong shape, range or option) with a message that names the argument, what came
+and what is allowed. Checks run before any computation.
+"""
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_tensor(name: str, value) -> torch.Tensor:
+    check_tensor(name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got dtype {value.dtype}"
+        )
+    return value
+
+
+def check_int_tensor(name: str, value) -> torch.Tensor:
+    check_tensor(name, value)
+    if value.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {value.dtype}")
+    return value
+
+
+def check_shape(name: str, value: torch.Tensor, expected: Sequence[int], described_as: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({described_as}), got {tuple(value.shape)}")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_choice(name: str, value, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
+    """A finite real number in [low, high] (or open ends where asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if not math.isfinite(value) or below or above:
+        left = "-inf" if low is None else f"{low}"
+        right = "inf" if high is None else f"{high}"
+        interval = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
+    return value
+
+
+def check_head(hidden: torch.Tensor, weight, bias) -> None:
+    """The LM head: weight (V, D) matching hidden's last dim and dtype, bias (V,)."""
+    check_float_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, D) with D = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        check_shape("bias", bias, (weight.shape[0],), "V, the vocabulary size of weight")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+
+
+def check_token_range(name: str, tokens: torch.Tensor, vocab_size: int) -> None:
+    """Ids in [0, V). One host sync: the only one on the way in, paid for a clear error."""
+    if tokens.numel() == 0:
+        return
+    low, high = torch.aminmax(tokens.reshape(-1))
+    low, high = int(low), int(high)
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} must hold ids in [0, {vocab_size}) (the vocabulary of weight), got id {bad}")
+
+
+def check_linear_inputs(hidden, weight, tokens, bias, temperature, hidden_masked=None, tokens_name="tokens") -> float:
+    """All checks of the LM-head ops; returns the temperature as a float."""
+    check_float_tensor("hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., D), got a 0-dim tensor")
+    if hidden_masked is not None:
+        check_float_tensor("hidden_masked", hidden_masked)
+        check_shape("hidden_masked", hidden_masked, hidden.shape, "the shape of hidden")
+        if hidden_masked.dtype != hidden.dtype:
+            raise TypeError(f"hidden_masked must have hidden's dtype {hidden.dtype}, got {hidden_masked.dtype}")
+    check_head(hidden, weight, bias)
+    check_int_tensor(tokens_name, tokens)
+    check_shape(tokens_name, tokens, hidden.shape[:-1], "hidden.shape[:-1]")
+    check_same_device(hidden=hidden, hidden_masked=hidden_masked, weight=weight, bias=bias, **{tokens_name: tokens})
+    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+    check_token_range(tokens_name, tokens, weight.shape[0])
+    return temperature

@@ -1,0 +1,1 @@
+"""The public LM-head ops: validation, backend choice, reshaping."""
