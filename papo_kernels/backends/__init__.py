@@ -4,23 +4,74 @@ Each backend module provides the same two functions on flattened inputs,
 ``linear_logprobs(hidden, weight, tokens, bias, temperature)`` and
 ``linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, temperature)``;
 see ``reference.py`` for the semantics.
+
+- ``reference``: materialises the logits; the one copy tests compare against.
+- ``torch``: chunked plain PyTorch with bounded temporaries; runs anywhere.
+- ``triton``: fused Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+- ``auto``: ``triton`` for CUDA tensors when Triton imports, ``torch`` elsewhere.
+
+Triton is imported only when the ``triton`` backend is asked for, never at package import.
 """
 
-from types import ModuleType
+import functools
+import importlib.util
+from types import ModuleType, SimpleNamespace
+from typing import Union
 
 import torch
 
 from .._checks import check_choice
-from . import reference
+from . import reference, torch_chunked
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "torch", "triton")
 
-_MODULES = {"reference": reference}
+_MODULES = {"reference": reference, "torch": torch_chunked}
 
 
-def resolve_backend(name: str, device: torch.device) -> ModuleType:
-    """The backend module for ``name``; ``auto`` picks the best one available on ``device``."""
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_interpreted() -> bool:
+    """Whether Triton runs its kernels through the CPU interpreter (TRITON_INTERPRET=1)."""
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_backend() -> SimpleNamespace:
+    from . import triton_logprobs, triton_perception_kl
+
+    return SimpleNamespace(
+        linear_logprobs=triton_logprobs.linear_logprobs,
+        linear_perception_kl=triton_perception_kl.linear_perception_kl,
+    )
+
+
+def resolve_backend(name: str, device: torch.device) -> Union[ModuleType, SimpleNamespace]:
+    """The backend for ``name``; ``auto`` picks the best one available on ``device``."""
     check_choice("backend", name, BACKENDS)
+    device = torch.device(device)
     if name == "auto":
-        name = "reference"
-    return _MODULES[name]
+        name = "triton" if device.type == "cuda" and _triton_importable() else "torch"
+    if name != "triton":
+        return _MODULES[name]
+    if not _triton_importable():
+        raise ValueError(
+            f"backend='triton' needs the triton package, which does not import here; "
+            f"allowed here: {[b for b in BACKENDS if b != 'triton']}"
+        )
+    if device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(
+            f"backend='triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 set before "
+            f"triton is imported), got tensors on {device}; use backend='torch' or 'reference' there"
+        )
+    return _triton_backend()

@@ -96,7 +96,7 @@ class _OnlineSoftmax:
 
 def _grown(shift: Tensor, weight_sum: Tensor) -> Tensor:
     """shift * weight_sum, 0 for rows with nothing absorbed yet (where shift is -inf)."""
-    return torch.where(weight_sum > 0, shift * weight_sum, 0.0)
+    return torch.where(weight_sum > 0, shift, 0.0) * weight_sum
 
 
 def forward_statistics(hidden, hidden_masked, weight, bias, tokens, options: ChunkOptions):
