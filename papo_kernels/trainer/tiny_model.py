@@ -11,7 +11,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+from .local_model import ImageOnlyQwen2VLProcessor
 
 PAD_TOKEN = "<|endoftext|>"
 END_OF_TURN = "<|im_end|>"
@@ -32,20 +33,6 @@ CHAT_TEMPLATE = (
 )
 
 
-class TinyQwen2VLProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` for images only.
-
-    The stock class checks its video processor against a class that needs torchvision
-    (which would pull a CUDA build of torch); this one has no video processor and skips
-    only that check.
-    """
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
-
-
 def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over the Qwen-VL special tokens, chat words and ``words``."""
     vocabulary = list(SPECIAL_TOKENS) + list(CHAT_WORDS)
@@ -59,10 +46,10 @@ def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(words: Sequence[str], image_size: int) -> TinyQwen2VLProcessor:
+def build_processor(words: Sequence[str], image_size: int) -> ImageOnlyQwen2VLProcessor:
     """Tokenizer + ``Qwen2VLImageProcessorPil`` that keeps ``image_size`` x ``image_size`` images as they are."""
     image_processor = Qwen2VLImageProcessorPil(min_pixels=image_size * image_size, max_pixels=image_size * image_size)
-    return TinyQwen2VLProcessor(image_processor=image_processor, tokenizer=build_tokenizer(words),
+    return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=build_tokenizer(words),
                                 video_processor=None, chat_template=CHAT_TEMPLATE)
 
 

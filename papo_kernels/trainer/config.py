@@ -1,0 +1,182 @@
+"""The training configuration: one dataclass, loadable from YAML, checked before a run starts.
+
+The loss settings start from a preset of ``papo_kernels.PRESETS`` (``papo_d`` by
+default; ``dapo`` and ``grpo`` are the baselines with the PAPO terms off), and the
+fields ``gamma``, ``beta``, ``eta_clean``, ``eta_masked``, ``epsilon_low``,
+``epsilon_high`` and ``perception_kl`` override it where set.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from ..loss import PERCEPTION_KL_ESTIMATORS, PRESETS
+from .data import SYNTHETIC_TASKS
+from .rewards import ANSWER_FORMATS
+
+MASK_TARGETS = ("image", "pixel_values")
+GAMMA_SCHEDULES = ("fixed", "linear")
+LR_SCHEDULES = ("constant", "cosine")
+ENTROPY_MODES = ("exact", "sampled")
+LOSS_OVERRIDES = ("gamma", "beta", "eta_clean", "eta_masked", "epsilon_low", "epsilon_high", "perception_kl")
+
+
+@dataclass
+class TrainerConfig:
+    # Run.
+    output_dir: str = "runs/papo-tiny"
+    steps: int = 400
+    seed: int = 0
+    num_threads: Optional[int] = None  # torch threads per process; None: the cores divided by the processes
+    # Model and data: a local Hugging Face model folder and a JSONL file, or None for the offline tiny default.
+    model: Optional[str] = None
+    data: Optional[str] = None
+    tasks: List[str] = field(default_factory=lambda: ["color"])  # synthetic tasks, when data is None
+    image_size: int = 56  # synthetic images are image_size x image_size pixels
+    # Rollout.
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Reward = accuracy_weight * accuracy + format_weight * format.
+    answer_format: str = "first_word"
+    accuracy_weight: float = 0.9
+    format_weight: float = 0.1
+    # Advantages.
+    scale_advantages_by_std: bool = True
+    dapo_filter: bool = False  # drop groups whose rewards are all equal
+    skip_uninformative_steps: bool = True  # no optimizer step when every advantage is 0
+    # Masked image.
+    mask_probability: float = 0.6
+    mask_cell: int = 14
+    mask_target: str = "image"  # blacken the raw image, or the processor's pixel_values in patch order
+    # Loss.
+    preset: str = "papo_d"
+    gamma: Optional[float] = None
+    beta: Optional[float] = None
+    eta_clean: Optional[float] = None
+    eta_masked: Optional[float] = None
+    epsilon_low: Optional[float] = None
+    epsilon_high: Optional[float] = None
+    perception_kl: Optional[str] = None
+    entropy: str = "exact"
+    masked_gradient: bool = True  # False: the authors' masked log-probs without gradient
+    gamma_schedule: str = "fixed"  # "linear": gamma (and the entropy coefficients alike) goes to gamma_final
+    gamma_final: float = 0.0
+    gamma_anneal_fraction: float = 1.0  # over this fraction of the steps, then stays at gamma_final
+    # Optimisation.
+    learning_rate: float = 3e-4
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    ppo_epochs: int = 1
+    minibatches: int = 1  # optimizer steps per epoch; each covers 1/minibatches of the responses
+    micro_batch_size: int = 128  # responses per forward (gradient accumulation inside a minibatch)
+    # Logging and checkpoints.
+    eval_every: int = 50  # greedy accuracy on eval_prompts held-out prompts; 0 is off
+    eval_prompts: int = 64
+    save_every: int = 100  # and at the end
+
+    def loss_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of ``papo_loss``: the preset with this config's overrides applied."""
+        kwargs = dict(PRESETS[self.preset])
+        kwargs.update({name: getattr(self, name) for name in LOSS_OVERRIDES if getattr(self, name) is not None})
+        kwargs.update(temperature=self.temperature, entropy=self.entropy)
+        return kwargs
+
+    def coefficient_scale(self, step: int) -> float:
+        """Factor on gamma and both entropy coefficients at ``step`` (the gamma schedule)."""
+        gamma = self.loss_kwargs()["gamma"]
+        if self.gamma_schedule == "fixed" or gamma == 0:
+            return 1.0
+        progress = min(1.0, step / max(1.0, self.gamma_anneal_fraction * self.steps))
+        return (gamma + progress * (self.gamma_final - gamma)) / gamma
+
+    def validate(self) -> "TrainerConfig":
+        """Raise ``ValueError`` naming the first field whose value is not allowed."""
+        def fail(name: str, allowed: str) -> None:
+            raise ValueError(f"config field {name!r}: got {getattr(self, name)!r}, expected {allowed}")
+
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "image_size", "mask_cell",
+                     "ppo_epochs", "minibatches", "micro_batch_size", "eval_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(name, "a positive integer")
+        for name in ("seed", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(name, "an integer >= 0")
+        if self.num_threads is not None and (isinstance(self.num_threads, bool)
+                                             or not isinstance(self.num_threads, int) or self.num_threads < 1):
+            fail("num_threads", "a positive integer or null")
+        if self.group_size < 2:
+            fail("group_size", "an integer >= 2 (group-relative advantages need at least two responses)")
+        choices = {"preset": tuple(PRESETS), "answer_format": ANSWER_FORMATS, "mask_target": MASK_TARGETS,
+                   "entropy": ENTROPY_MODES, "gamma_schedule": GAMMA_SCHEDULES, "lr_schedule": LR_SCHEDULES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                fail(name, f"one of {list(allowed)}")
+        if self.perception_kl is not None and self.perception_kl not in PERCEPTION_KL_ESTIMATORS:
+            fail("perception_kl", f"null or one of {list(PERCEPTION_KL_ESTIMATORS)}")
+        if not isinstance(self.tasks, list) or not self.tasks or any(t not in SYNTHETIC_TASKS for t in self.tasks):
+            fail("tasks", f"a non-empty list of {list(SYNTHETIC_TASKS)}")
+        for name in ("temperature", "learning_rate", "max_grad_norm"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(name, "a number > 0")
+        for name in ("accuracy_weight", "format_weight", "weight_decay", "gamma_final"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "a number >= 0")
+        for name in ("gamma", "beta", "eta_clean", "eta_masked", "epsilon_low", "epsilon_high"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value < 0):
+                fail(name, "null (the preset's value) or a number >= 0")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            fail("top_p", "a number in (0, 1]")
+        if not _is_number(self.mask_probability) or not 0 <= self.mask_probability <= 1:
+            fail("mask_probability", "a number in [0, 1]")
+        if not _is_number(self.gamma_anneal_fraction) or not 0 < self.gamma_anneal_fraction <= 1:
+            fail("gamma_anneal_fraction", "a number in (0, 1]")
+        for name in ("scale_advantages_by_std", "dapo_filter", "skip_uninformative_steps", "masked_gradient"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "true or false")
+        if not self.masked_gradient and self.loss_kwargs()["perception_kl"] == "exact":
+            fail("masked_gradient", "true with perception_kl 'exact' (the exact KL needs the masked pass's "
+                 "hidden states)")
+        if self.mask_target == "pixel_values" and self.mask_cell != 14:
+            fail("mask_cell", "14 (the vision patch size) with mask_target 'pixel_values'")
+        for name in ("model", "data"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                fail(name, "a path or null")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; allowed are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path) -> "TrainerConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config: no such YAML file: {path}")
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ValueError(f"--config: {path} must hold a mapping of field: value, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

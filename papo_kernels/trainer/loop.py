@@ -1,0 +1,360 @@
+"""The GRPO/PAPO training loop.
+
+One step, in order:
+
+1. sample B prompts (image, question, verifiable answer); under data parallelism each
+   process takes its slice of the same global batch;
+2. make one masked image per prompt (random patch blackening);
+3. roll out G responses per prompt with ``model.generate``;
+4. score them (accuracy + format);
+5. group-relative advantages, optionally DAPO's filter of groups without signal;
+6. old log-probs (only when the policy moves between optimizer steps of the batch:
+   several PPO epochs or minibatches; otherwise the ratio is 1 by definition) and
+   reference log-probs (when beta > 0), without gradient;
+7. per PPO epoch and minibatch: forward clean and masked inputs through the backbone
+   (hidden states, no logits), ``papo_loss`` with the head's weight, accumulate the
+   gradients of the micro-batches with the ``dapo`` normaliser of the whole minibatch,
+   clip the gradient norm, AdamW step;
+8. log the step's metrics.
+"""
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import papo_loss
+from .advantages import group_advantages, informative_groups, keep_responses
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainerConfig
+from .data import JsonlDataset, SyntheticShapes, synthetic_words
+from .local_model import load_local_model
+from .metrics_log import MetricsLog, read_metrics
+from .plotting import plot_metrics
+from .policy import (CompletionHiddenStates, clean_and_masked_inputs, head_tokens, response_logprobs,
+                     sequence_inputs, vocabulary_index)
+from .rewards import score_response
+from .rollout import Rollout, encode_prompts, generate, roll_out
+from .tiny_model import build_model, build_processor
+
+LOSS_METRICS = ("policy_loss", "clip_fraction_low", "clip_fraction_high", "perception_kl", "ref_kl", "entropy",
+                "entropy_masked", "ratio_mean")
+EVAL_SEED_OFFSET = 1_000_003  # eval prompts come from a stream the training steps never draw
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed that depends on every part (seed, step, process, purpose)."""
+    return random.Random("-".join(map(str, parts))).getrandbits(63)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class Trainer:
+    """Builds the model, data, optimizer and (when resuming) their saved state; ``train()`` runs the steps."""
+
+    def __init__(self, config: TrainerConfig, resume: bool = False, accelerator: Optional[Accelerator] = None):
+        self.config = config.validate()
+        # cpu=True when there is no GPU lets `accelerate launch` run several CPU processes (gloo).
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        world = self.accelerator.num_processes
+        torch.set_num_threads(config.num_threads or max(1, available_cores() // world))
+        if config.prompts_per_step % world:
+            raise ValueError(f"config field 'prompts_per_step': got {config.prompts_per_step}, expected a multiple "
+                             f"of the number of processes ({world})")
+        self.local_prompts = config.prompts_per_step // world
+        if config.minibatches > self.local_prompts * config.group_size:
+            raise ValueError(f"config field 'minibatches': got {config.minibatches}, expected at most the responses "
+                             f"per process ({self.local_prompts * config.group_size})")
+        self.loss_kwargs = config.loss_kwargs()
+        os.makedirs(config.output_dir, exist_ok=True)
+
+        if config.data is not None:
+            self.dataset = JsonlDataset(config.data, config.seed)
+            self.eval_dataset = JsonlDataset(config.data, config.seed + EVAL_SEED_OFFSET)
+        else:
+            self.dataset = SyntheticShapes(config.tasks, config.image_size, config.seed)
+            self.eval_dataset = SyntheticShapes(config.tasks, config.image_size, config.seed + EVAL_SEED_OFFSET)
+        if config.model is not None:
+            model, self.processor = load_local_model(config.model)
+        else:
+            words = synthetic_words(config.tasks) if config.data is None else self.dataset.words()
+            self.processor = build_processor(words, config.image_size)
+            model = build_model(self.processor.tokenizer, config.seed)
+
+        self._setup_tokens(model)
+        policy = CompletionHiddenStates(model, self.vocabulary)
+        self.reference = None
+        if self.loss_kwargs["beta"] > 0:
+            self.reference = CompletionHiddenStates(self._frozen_copy(model), self.vocabulary)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        if self.reference is not None:
+            self.reference.to(self.accelerator.device)
+
+        seed = derived_seed(config.seed, "process", self.accelerator.process_index)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        self.start_step = 0
+        if resume:
+            self._restore(load_checkpoint(config.output_dir))
+        self.metrics_log = MetricsLog(config.output_dir, self.start_step) if self.accelerator.is_main_process \
+            else None
+
+    # Setup.
+
+    def _setup_tokens(self, model) -> None:
+        """End-of-turn, padding and suppressed ids; the trained vocabulary is every id sampling can emit."""
+        tokenizer = self.processor.tokenizer
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        vision_ids = [model.config.image_token_id, model.config.video_token_id, model.config.vision_start_token_id,
+                      model.config.vision_end_token_id]
+        # Special tokens (other than end-of-turn) and head rows past the tokenizer are never sampled.
+        suppressed = set(tokenizer.all_special_ids) | set(vision_ids) | set(range(len(tokenizer), vocab_size))
+        self.suppress_ids = sorted(suppressed - set(self.eos_ids))
+        self.vocabulary = torch.tensor([i for i in range(vocab_size) if i not in set(self.suppress_ids)])
+        self.token_index = vocabulary_index(self.vocabulary, vocab_size).to(self.accelerator.device)
+
+    @staticmethod
+    def _frozen_copy(model):
+        reference = type(model)(model.config)
+        reference.load_state_dict(model.state_dict())
+        reference.requires_grad_(False)
+        return reference.eval()
+
+    def _lr_factor(self, step: int) -> float:
+        if self.config.lr_schedule == "constant":
+            return 1.0
+        # Cosine decay to a tenth of the peak over the run.
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(step, self.config.steps) / self.config.steps))
+
+    @property
+    def model(self):
+        """The Hugging Face model being trained (unwrapped from DDP)."""
+        return self.accelerator.unwrap_model(self.policy).model
+
+    # Checkpoints.
+
+    def save(self, next_step: int) -> None:
+        rng_states = gather_object([rng_state()])
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.config.output_dir, model_state=self.model.state_dict(),
+                            optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
+                            next_step=next_step, rng_states=rng_states, config=self.config.to_dict())
+        self.accelerator.wait_for_everyone()
+
+    def _restore(self, checkpoint: Dict) -> None:
+        if len(checkpoint["rng_states"]) != self.accelerator.num_processes:
+            raise ValueError(f"--resume: the checkpoint was written by {len(checkpoint['rng_states'])} process(es), "
+                             f"this run has {self.accelerator.num_processes}; resume with the same number")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        set_rng_state(checkpoint["rng_states"][self.accelerator.process_index])
+        self.start_step = checkpoint["next_step"]
+
+    # One step.
+
+    def make_rollout(self, step: int):
+        """Steps 1-4: this process's prompts, their masked images, G responses each, and their scores."""
+        config, rank = self.config, self.accelerator.process_index
+        examples = self.dataset.batch(step, config.prompts_per_step)
+        examples = examples[rank * self.local_prompts:(rank + 1) * self.local_prompts]
+        mask_generator = torch.Generator().manual_seed(derived_seed(config.seed, step, rank, "mask"))
+        prompt, masked_pixel_values = encode_prompts(self.processor, examples, config.mask_target, config.mask_cell,
+                                                     config.mask_probability, mask_generator)
+        device = self.accelerator.device
+        prompt = {key: value.to(device) for key, value in prompt.items()}
+        self.model.eval()
+        rollout = roll_out(self.model, self.processor, examples, config.group_size, masked_pixel_values.to(device),
+                           prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                           top_p=config.top_p, suppress_ids=self.suppress_ids, eos_ids=self.eos_ids,
+                           pad_id=self.pad_id)
+        scores = torch.tensor([score_response(text, answer, config.answer_format, config.accuracy_weight,
+                                              config.format_weight) for text, answer in zip(rollout.texts,
+                                                                                            rollout.answers)])
+        return rollout, scores.to(device)
+
+    def micro_batch_loss(self, rollout: Rollout, index: Tensor, advantages: Tensor, num_items_in_batch,
+                         loss_kwargs: Dict, old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor],
+                         masked_logprobs: Optional[Tensor], with_masked_pass: bool):
+        """``papo_loss`` of the responses ``index``: one backbone forward of their clean (and masked) inputs."""
+        mask = rollout.completion_mask[index]
+        tokens = head_tokens(rollout.completion_ids[index], mask, self.token_index)
+        hidden_masked = None
+        if with_masked_pass:
+            hidden, weight, bias = self.policy(clean_and_masked_inputs(rollout, index), mask.shape[1])
+            hidden, hidden_masked = hidden.chunk(2)
+        else:
+            hidden, weight, bias = self.policy(sequence_inputs(rollout, index, masked=False), mask.shape[1])
+
+        def rows(value: Optional[Tensor]) -> Optional[Tensor]:
+            return None if value is None else value[index]
+
+        return papo_loss(hidden, weight, tokens, mask, advantages[index], hidden_masked=hidden_masked,
+                         masked_logprobs=rows(masked_logprobs), old_logprobs=rows(old_logprobs),
+                         ref_logprobs=rows(ref_logprobs), bias=bias, num_items_in_batch=num_items_in_batch,
+                         **loss_kwargs)
+
+    def step_loss_kwargs(self, step: int) -> Dict:
+        """The loss settings at ``step``: gamma and the entropy coefficients scaled by the gamma schedule."""
+        scale = self.config.coefficient_scale(step)
+        kwargs = dict(self.loss_kwargs)
+        for name in ("gamma", "eta_clean", "eta_masked"):
+            kwargs[name] = kwargs[name] * scale
+        return kwargs
+
+    def update(self, rollout: Rollout, advantages: Tensor, step: int) -> Dict[str, float]:
+        """Steps 6-7; returns the token-weighted means of the loss metrics and the last grad norm."""
+        config, accelerator = self.config, self.accelerator
+        world = accelerator.num_processes
+        loss_kwargs = self.step_loss_kwargs(step)
+        papo_terms = any(loss_kwargs[name] != 0 for name in ("gamma", "eta_clean", "eta_masked"))
+        with_masked_pass = papo_terms and config.masked_gradient
+        policy = accelerator.unwrap_model(self.policy)
+        old_logprobs = ref_logprobs = masked_logprobs = None
+        if config.ppo_epochs > 1 or config.minibatches > 1:
+            old_logprobs = response_logprobs(policy, rollout, self.token_index, config.temperature,
+                                             config.micro_batch_size)
+        if self.reference is not None:
+            ref_logprobs = response_logprobs(self.reference, rollout, self.token_index, config.temperature,
+                                             config.micro_batch_size)
+        if papo_terms and not config.masked_gradient:
+            masked_logprobs = response_logprobs(policy, rollout, self.token_index, config.temperature,
+                                                config.micro_batch_size, masked=True)
+
+        minibatches = torch.arange(len(rollout), device=advantages.device).chunk(config.minibatches)
+        # Response tokens of each minibatch over all processes; DDP averages gradients, so divide by the processes.
+        local_tokens = torch.stack([rollout.completion_mask[index].sum() for index in minibatches]).float()
+        normalisers = accelerator.reduce(local_tokens, "sum") / world
+
+        self.policy.train()
+        sums = {name: 0.0 for name in LOSS_METRICS + ("loss",)}
+        weight_total, grad_norm = 0.0, 0.0
+        for _ in range(config.ppo_epochs):
+            for index, normaliser in zip(minibatches, normalisers):
+                self.optimizer.zero_grad(set_to_none=True)
+                micro_batches = index.split(config.micro_batch_size)
+                for number, micro in enumerate(micro_batches):
+                    # Synchronise gradients across processes only once, after the last micro-batch.
+                    sync = number == len(micro_batches) - 1
+                    with nullcontext() if sync else accelerator.no_sync(self.policy):
+                        loss, metrics = self.micro_batch_loss(rollout, micro, advantages, normaliser, loss_kwargs,
+                                                              old_logprobs, ref_logprobs, masked_logprobs,
+                                                              with_masked_pass)
+                        accelerator.backward(loss)
+                    tokens = float(rollout.completion_mask[micro].sum())
+                    for name in LOSS_METRICS:
+                        sums[name] += float(metrics[name]) * tokens
+                    sums["loss"] += float(loss.detach()) * tokens
+                    weight_total += tokens
+                grad_norm = float(accelerator.clip_grad_norm_(self.policy.parameters(), config.max_grad_norm))
+                if not math.isfinite(grad_norm):
+                    raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm}; stopping before the "
+                                             "optimizer writes non-finite weights")
+                self.optimizer.step()
+        means = {name: value / max(weight_total, 1.0) for name, value in sums.items()}
+        means["loss"] = sums["loss"] / max(weight_total, 1.0)
+        means["grad_norm"] = grad_norm
+        return means
+
+    def train_step(self, step: int) -> Dict[str, float]:
+        config, accelerator = self.config, self.accelerator
+        start = time.perf_counter()
+        rollout, scores = self.make_rollout(step)
+        generation_time = time.perf_counter() - start
+        rewards, accuracy, well_formed = scores.unbind(dim=1)
+        response_length = rollout.completion_mask.sum(dim=1).float()
+
+        advantages = group_advantages(rewards, config.group_size, config.scale_advantages_by_std)
+        kept = torch.ones(len(rollout) // config.group_size, dtype=torch.bool, device=rewards.device)
+        if config.dapo_filter:
+            kept = informative_groups(rewards, config.group_size)
+            # A dropped group's tokens become padding: no loss and no share of the normaliser.
+            rollout.completion_mask = rollout.completion_mask & keep_responses(kept, config.group_size)[:, None]
+        signal = (advantages.abs() * keep_responses(kept, config.group_size)).sum()
+        global_signal, global_tokens = accelerator.reduce(
+            torch.stack([signal, rollout.completion_mask.sum().float()]), "sum").tolist()
+        skipped = global_tokens == 0 or (config.skip_uninformative_steps and global_signal == 0)
+
+        update_start = time.perf_counter()
+        update_metrics = {} if skipped else self.update(rollout, advantages, step)
+        self.scheduler.step()
+        update_time = time.perf_counter() - update_start
+
+        local = torch.stack([rewards.mean(), accuracy.mean(), well_formed.mean(), response_length.mean(),
+                             kept.float().mean()])
+        reward, acc, fmt, length, kept_fraction = accelerator.reduce(local, "mean").tolist()
+        generated_tokens = float(accelerator.reduce(response_length.sum(), "sum"))
+        step_time = time.perf_counter() - start
+        record = {"step": step, "reward": reward, "accuracy": acc, "format": fmt, "response_length": length,
+                  "kept_groups": kept_fraction, "skipped": int(skipped), "lr": self.scheduler.get_last_lr()[0],
+                  "gamma": self.step_loss_kwargs(step)["gamma"]}
+        if update_metrics:
+            names = list(update_metrics)
+            averaged = accelerator.reduce(torch.tensor([update_metrics[n] for n in names],
+                                                       device=accelerator.device), "mean").tolist()
+            record.update(dict(zip(names, averaged)))
+        record.update(generation_time=generation_time, update_time=update_time, step_time=step_time,
+                      tokens_per_s=generated_tokens / step_time)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> float:
+        """Greedy accuracy on ``eval_prompts`` fixed prompts (fresh images for the synthetic task)."""
+        config = self.config
+        examples = self.eval_dataset.batch(0, config.eval_prompts)
+        generator = torch.Generator().manual_seed(0)
+        prompt, _ = encode_prompts(self.processor, examples, "image", config.mask_cell, 0.0, generator)
+        prompt = {key: value.to(self.accelerator.device) for key, value in prompt.items()}
+        self.model.eval()
+        completion_ids = generate(self.model, prompt, max_new_tokens=config.max_new_tokens, do_sample=False,
+                                  temperature=config.temperature, top_p=config.top_p, suppress_ids=self.suppress_ids,
+                                  eos_ids=self.eos_ids, pad_id=self.pad_id)
+        texts = self.processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        scores = [score_response(text, example.answer, config.answer_format, 1.0, 0.0)[1]
+                  for text, example in zip(texts, examples)]
+        return sum(scores) / len(scores)
+
+    # The run.
+
+    def train(self) -> List[Dict[str, float]]:
+        """Run the remaining steps; write metrics, checkpoints and the plot; return this run's step records."""
+        config, accelerator = self.config, self.accelerator
+        is_main = accelerator.is_main_process
+        records = []
+        progress = tqdm(range(self.start_step, config.steps), initial=self.start_step, total=config.steps,
+                        disable=not is_main, desc=f"{config.preset}", dynamic_ncols=True)
+        for step in progress:
+            record = self.train_step(step)
+            if is_main and config.eval_every and (step % config.eval_every == 0 or step == config.steps - 1):
+                record["eval_accuracy"] = self.evaluate(step)
+            if is_main:
+                self.metrics_log.write(record)
+                progress.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
+                                     kl=f"{record.get('perception_kl', 0.0):.3f}")
+            records.append(record)
+            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+                self.save(step + 1)
+        progress.close()
+        self.save(config.steps)
+        if is_main:
+            plot_metrics(read_metrics(config.output_dir), config.output_dir,
+                         f"{config.preset} ({'tiny Qwen2-VL' if config.model is None else config.model})")
+        return records

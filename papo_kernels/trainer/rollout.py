@@ -1,0 +1,106 @@
+"""Rollouts: the prompts' clean and masked inputs, G sampled responses per prompt, and their masks.
+
+Every prompt holds exactly one image. Sequences are the rows of ``input_ids``;
+the image of sequence i is the i-th block of ``pixel_values`` (its patches, as
+many rows as ``image_grid_thw[i].prod()``), so selecting or repeating sequences
+selects or repeats whole blocks (never rows of ``pixel_values`` one by one).
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+from torch import Tensor
+
+from .data import Example
+from .masking import mask_image, mask_pixel_values, normalised_black, random_cell_mask
+
+Inputs = Dict[str, Tensor]
+
+
+@dataclass
+class Rollout:
+    """G responses for each of B prompts, grouped: responses g * ... of prompt p sit at rows p * G + g."""
+    prompt: Inputs  # processor outputs of the clean prompts, one row per response
+    masked_pixel_values: Tensor  # pixel_values of the masked images, blocks in the order of prompt's
+    completion_ids: Tensor  # (N, T), padding where completion_mask is 0
+    completion_mask: Tensor  # (N, T) bool: the response's tokens up to and including its end-of-turn token
+    texts: List[str]  # decoded responses
+    answers: List[str]  # the known answer of each response's prompt
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+
+def take_blocks(pixel_values: Tensor, image_grid_thw: Tensor, index: Tensor) -> Tensor:
+    """The patch blocks of images ``index`` of ``pixel_values``, in that order."""
+    blocks = torch.split(pixel_values, image_grid_thw.prod(-1).tolist())
+    return torch.cat([blocks[i] for i in index.tolist()])
+
+
+def take_sequences(inputs: Inputs, index: Tensor) -> Inputs:
+    """The sequences ``index`` of ``inputs`` (a processor output with one image per sequence), in that order."""
+    grid = inputs["image_grid_thw"]
+    if grid.shape[0] != inputs["input_ids"].shape[0]:
+        raise ValueError(f"expected one image per prompt, got {grid.shape[0]} images for "
+                         f"{inputs['input_ids'].shape[0]} prompts")
+    taken = {key: value[index] for key, value in inputs.items() if key != "pixel_values"}
+    taken["pixel_values"] = take_blocks(inputs["pixel_values"], grid, index)
+    return taken
+
+
+def encode_prompts(processor, examples: Sequence[Example], mask_target: str, mask_cell: int,
+                   mask_probability: float, generator: torch.Generator):
+    """Processor inputs of the clean prompts and the ``pixel_values`` of their masked images (one mask each)."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example.question}]}],
+        add_generation_prompt=True, tokenize=False) for example in examples]
+    images = [example.image for example in examples]
+    clean = processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt")
+    clean = {key: value for key, value in clean.items()}
+    if mask_target == "image":
+        masked_images = [mask_image(image, random_cell_mask(image.height, image.width, mask_cell, mask_probability,
+                                                            generator), mask_cell) for image in images]
+        masked = processor.image_processor(images=masked_images, return_tensors="pt")["pixel_values"]
+    else:
+        image_processor = processor.image_processor
+        cell_masks = [random_cell_mask(h, w, 1, mask_probability, generator)
+                      for _, h, w in clean["image_grid_thw"].tolist()]
+        masked = mask_pixel_values(clean["pixel_values"], clean["image_grid_thw"], cell_masks,
+                                   image_processor.merge_size,
+                                   normalised_black(image_processor.image_mean, image_processor.image_std))
+    return clean, masked
+
+
+def completion_mask_until_eos(completion_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
+    """True for the tokens up to and including the first end-of-sequence token of each row."""
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device))
+    return (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0
+
+
+@torch.no_grad()
+def generate(model, prompt: Inputs, *, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+             suppress_ids: Sequence[int], eos_ids: Sequence[int], pad_id: int) -> Tensor:
+    """``(N, T)`` generated ids after the prompts (T <= max_new_tokens)."""
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None) if do_sample \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    output = model.generate(**prompt, max_new_tokens=max_new_tokens, suppress_tokens=list(suppress_ids),
+                            eos_token_id=list(eos_ids), pad_token_id=pad_id, **sampling)
+    return output[:, prompt["input_ids"].shape[1]:]
+
+
+def roll_out(model, processor, examples: Sequence[Example], group_size: int, masked_pixel_values: Tensor,
+             prompt: Inputs, *, max_new_tokens: int, temperature: float, top_p: float, suppress_ids: Sequence[int],
+             eos_ids: Sequence[int], pad_id: int) -> Rollout:
+    """Sample ``group_size`` responses per prompt; the masked image of a prompt is shared by its responses."""
+    repeat = torch.arange(len(examples)).repeat_interleave(group_size)
+    masked_pixel_values = take_blocks(masked_pixel_values, prompt["image_grid_thw"], repeat)
+    prompt = take_sequences(prompt, repeat)
+    completion_ids = generate(model, prompt, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                              top_p=top_p, suppress_ids=suppress_ids, eos_ids=eos_ids, pad_id=pad_id)
+    completion_mask = completion_mask_until_eos(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
+    texts = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(prompt=prompt, masked_pixel_values=masked_pixel_values, completion_ids=completion_ids,
+                   completion_mask=completion_mask, texts=texts,
+                   answers=[examples[i].answer for i in repeat.tolist()])

@@ -1,0 +1,52 @@
+"""Checkpoints: resuming gives the steps of an uninterrupted run, and a kill while saving loses nothing."""
+
+import pytest
+import torch
+
+from papo_kernels.trainer import Trainer, checkpoint
+from papo_kernels.trainer.metrics_log import read_metrics
+
+from trainer_helpers import small_config
+
+COMPARED = ("reward", "accuracy", "response_length", "policy_loss", "perception_kl", "entropy", "grad_norm", "loss")
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    straight = Trainer(small_config(tmp_path / "straight", steps=4, save_every=2))
+    straight_records = straight.train()
+
+    Trainer(small_config(tmp_path / "split", steps=2)).train()
+    resumed = Trainer(small_config(tmp_path / "split", steps=4), resume=True)
+    assert resumed.start_step == 2
+    resumed_records = resumed.train()
+
+    assert [r["step"] for r in resumed_records] == [2, 3]
+    for expected, got in zip(straight_records[2:], resumed_records):
+        assert all(expected[key] == got[key] for key in COMPARED), (expected, got)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [r["step"] for r in read_metrics(tmp_path / "split")] == [0, 1, 2, 3]
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    state = dict(model_state={"w": torch.ones(3)}, optimizer_state={}, scheduler_state={}, rng_states=[{}],
+                 config={"steps": 1})
+    checkpoint.save_checkpoint(tmp_path, next_step=5, **state)
+
+    def killed_mid_write(payload, handle):
+        handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(tmp_path, next_step=9, **{**state, "model_state": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+
+    loaded = checkpoint.load_checkpoint(tmp_path)
+    assert loaded["next_step"] == 5 and torch.equal(loaded["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"], "no temporary file is left behind"
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        Trainer(small_config(tmp_path), resume=True)

@@ -1,0 +1,131 @@
+"""The trainer's loss is papo_loss on the backbone's hidden states, and no forward builds the logits."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from papo_kernels import papo_loss
+from papo_kernels.trainer import Trainer
+from papo_kernels.trainer.advantages import group_advantages, informative_groups, keep_responses
+from papo_kernels.trainer.policy import response_logprobs, sequence_inputs
+from papo_kernels.trainer.rollout import take_blocks, take_sequences
+
+from trainer_helpers import small_config
+
+
+def backbone_hidden(trainer, rollout, masked):
+    """Hidden states of the response positions from a separate forward of the clean or masked inputs."""
+    inputs = sequence_inputs(rollout, torch.arange(len(rollout)), masked)
+    length = rollout.completion_ids.shape[1]
+    assert torch.equal(inputs["input_ids"][:, -length:], rollout.completion_ids)
+    return trainer.model.model(**inputs).last_hidden_state[:, -length - 1:-1]
+
+
+def test_trainer_loss_equals_papo_loss_on_the_same_tensors(small_trainer):
+    trainer = small_trainer
+    rollout, scores = trainer.make_rollout(0)
+    advantages = torch.linspace(-1.0, 1.0, len(rollout))
+    mask = rollout.completion_mask
+    normaliser = float(mask.sum()) + 3.0  # as if other micro-batches held 3 more tokens
+    kwargs = trainer.step_loss_kwargs(0)
+    assert kwargs["gamma"] > 0 and kwargs["eta_masked"] > 0
+
+    loss, metrics = trainer.micro_batch_loss(rollout, torch.arange(len(rollout)), advantages, normaliser, kwargs,
+                                             None, None, None, with_masked_pass=True)
+    loss.backward()
+    trainer_grads = [p.grad.clone() for p in trainer.model.parameters()]
+    trainer.model.zero_grad()
+
+    hidden, hidden_masked = backbone_hidden(trainer, rollout, False), backbone_hidden(trainer, rollout, True)
+    assert (hidden - hidden_masked).abs().max() > 1e-4, "the masked image must change the hidden states"
+    head = trainer.model.lm_head.weight[trainer.vocabulary]
+    tokens = trainer.token_index[rollout.completion_ids].where(mask, 0)
+    expected, expected_metrics = papo_loss(hidden, head, tokens, mask, advantages, hidden_masked=hidden_masked,
+                                           num_items_in_batch=normaliser, **kwargs)
+    expected.backward()
+
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], expected_metrics[name], rtol=1e-5, atol=1e-7)
+    for (name, parameter), grad in zip(trainer.model.named_parameters(), trainer_grads):
+        torch.testing.assert_close(grad, parameter.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_response_logprobs_match_the_full_model_logits(tmp_path):
+    trainer = Trainer(small_config(tmp_path, temperature=0.7, ppo_epochs=2))
+    rollout, _ = trainer.make_rollout(0)
+    logprobs = response_logprobs(trainer.policy, rollout, trainer.token_index, 0.7, micro_batch_size=5)
+    with torch.no_grad():
+        logits = trainer.model(**sequence_inputs(rollout, torch.arange(len(rollout)), False)).logits
+    length = rollout.completion_ids.shape[1]
+    # Only the sampled vocabulary is trained: the softmax runs over its columns.
+    sampled = torch.log_softmax(logits[:, -length - 1:-1, trainer.vocabulary] / 0.7, dim=-1)
+    expected = sampled.gather(-1, trainer.token_index[rollout.completion_ids].clamp(min=0)[..., None])[..., 0]
+    expected = expected.where(rollout.completion_mask, 0.0)
+    torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
+    assert rollout.completion_mask.any(dim=1).all()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # PAPO-D: gradient through the clean and masked passes
+    dict(preset="papo_g", ppo_epochs=2, minibatches=2, masked_gradient=False),  # old, ref and masked log-probs
+    dict(preset="dapo"),  # PAPO terms off: the clean pass only
+])
+def test_no_forward_of_the_update_builds_the_logits(tmp_path, overrides):
+    trainer = Trainer(small_config(tmp_path, **overrides))
+    rollout, scores = trainer.make_rollout(0)
+    advantages = group_advantages(scores[:, 0], trainer.config.group_size) + 0.1
+
+    def refuse(*_):
+        raise AssertionError("the LM head was called: the full logits were built")
+
+    handles = [trainer.model.lm_head.register_forward_hook(refuse)]
+    if trainer.reference is not None:
+        handles.append(trainer.reference.model.lm_head.register_forward_hook(refuse))
+    metrics = trainer.update(rollout, advantages, step=0)
+    assert metrics["grad_norm"] > 0
+    with pytest.raises(AssertionError, match="LM head was called"):
+        trainer.model(**sequence_inputs(rollout, torch.arange(2), False))
+    for handle in handles:
+        handle.remove()
+
+
+def subset(rollout, index):
+    """The responses ``index`` of ``rollout`` as a rollout of their own."""
+    prompt = take_sequences(rollout.prompt, index)
+    masked = take_blocks(rollout.masked_pixel_values, rollout.prompt["image_grid_thw"], index)
+    return dataclasses.replace(rollout, prompt=prompt, masked_pixel_values=masked,
+                               completion_ids=rollout.completion_ids[index],
+                               completion_mask=rollout.completion_mask[index],
+                               texts=[rollout.texts[i] for i in index.tolist()],
+                               answers=[rollout.answers[i] for i in index.tolist()])
+
+
+def test_dapo_filter_equals_dropping_the_groups(small_trainer):
+    """Zeroing the mask of a group without signal gives the loss and gradient of the batch without it."""
+    trainer, group = small_trainer, 4
+    rollout, _ = trainer.make_rollout(0)
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0])
+    kept = informative_groups(rewards, group)
+    assert kept.tolist() == [True, False, True, False]
+    advantages = group_advantages(rewards, group)
+    keep = keep_responses(kept, group)
+    kwargs = trainer.step_loss_kwargs(0)
+
+    def loss_and_grad(batch, batch_advantages):
+        tokens = float(batch.completion_mask.sum())
+        loss, _ = trainer.micro_batch_loss(batch, torch.arange(len(batch)), batch_advantages, tokens, kwargs,
+                                           None, None, None, with_masked_pass=True)
+        loss.backward()
+        grad = trainer.model.lm_head.weight.grad.clone()
+        trainer.model.zero_grad()
+        return loss.detach(), grad
+
+    filtered = dataclasses.replace(rollout, completion_mask=rollout.completion_mask & keep[:, None])
+    loss_filtered, grad_filtered = loss_and_grad(filtered, advantages)
+    loss_dropped, grad_dropped = loss_and_grad(subset(rollout, keep.nonzero()[:, 0]), advantages[keep])
+    loss_all, _ = loss_and_grad(rollout, advantages)
+    torch.testing.assert_close(loss_filtered, loss_dropped, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_filtered, grad_dropped, rtol=1e-4, atol=1e-8)
+    assert not torch.isclose(loss_all, loss_filtered, rtol=1e-3), "the filter must change the loss"
