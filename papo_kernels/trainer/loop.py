@@ -221,7 +221,7 @@ class Trainer:
         return kwargs
 
     def update(self, rollout: Rollout, advantages: Tensor, step: int) -> Dict[str, float]:
-        """Steps 6-7; returns the token-weighted means of the loss metrics and the last grad norm."""
+        """Steps 6-7; returns the token-weighted means of the loss metrics, the loss and the last grad norm."""
         config, accelerator = self.config, self.accelerator
         world = accelerator.num_processes
         loss_kwargs = self.step_loss_kwargs(step)
@@ -245,8 +245,8 @@ class Trainer:
         normalisers = accelerator.reduce(local_tokens, "sum") / world
 
         self.policy.train()
-        sums = {name: 0.0 for name in LOSS_METRICS + ("loss",)}
-        weight_total, grad_norm = 0.0, 0.0
+        sums = {name: 0.0 for name in LOSS_METRICS}
+        weight_total, loss_total, grad_norm = 0.0, 0.0, 0.0
         for _ in range(config.ppo_epochs):
             for index, normaliser in zip(minibatches, normalisers):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -262,7 +262,7 @@ class Trainer:
                     tokens = float(rollout.completion_mask[micro].sum())
                     for name in LOSS_METRICS:
                         sums[name] += float(metrics[name]) * tokens
-                    sums["loss"] += float(loss.detach()) * tokens
+                    loss_total += float(loss.detach())
                     weight_total += tokens
                 grad_norm = float(accelerator.clip_grad_norm_(self.policy.parameters(), config.max_grad_norm))
                 if not math.isfinite(grad_norm):
@@ -270,7 +270,8 @@ class Trainer:
                                              "optimizer writes non-finite weights")
                 self.optimizer.step()
         means = {name: value / max(weight_total, 1.0) for name, value in sums.items()}
-        means["loss"] = sums["loss"] / max(weight_total, 1.0)
+        # The minibatch objective (its micro-batch losses summed), averaged over the optimizer steps.
+        means["loss"] = loss_total / (config.ppo_epochs * len(minibatches))
         means["grad_norm"] = grad_norm
         return means
 

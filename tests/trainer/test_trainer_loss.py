@@ -1,6 +1,6 @@
 """The trainer's loss is papo_loss on the backbone's hidden states, and no forward builds the logits."""
 
-import dataclasses
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,9 +9,8 @@ from papo_kernels import papo_loss
 from papo_kernels.trainer import Trainer
 from papo_kernels.trainer.advantages import group_advantages, informative_groups, keep_responses
 from papo_kernels.trainer.policy import response_logprobs, sequence_inputs
-from papo_kernels.trainer.rollout import take_blocks, take_sequences
 
-from trainer_helpers import small_config
+from trainer_helpers import small_config, subset
 
 
 def backbone_hidden(trainer, rollout, masked):
@@ -91,17 +90,6 @@ def test_no_forward_of_the_update_builds_the_logits(tmp_path, overrides):
         handle.remove()
 
 
-def subset(rollout, index):
-    """The responses ``index`` of ``rollout`` as a rollout of their own."""
-    prompt = take_sequences(rollout.prompt, index)
-    masked = take_blocks(rollout.masked_pixel_values, rollout.prompt["image_grid_thw"], index)
-    return dataclasses.replace(rollout, prompt=prompt, masked_pixel_values=masked,
-                               completion_ids=rollout.completion_ids[index],
-                               completion_mask=rollout.completion_mask[index],
-                               texts=[rollout.texts[i] for i in index.tolist()],
-                               answers=[rollout.answers[i] for i in index.tolist()])
-
-
 def test_dapo_filter_equals_dropping_the_groups(small_trainer):
     """Zeroing the mask of a group without signal gives the loss and gradient of the batch without it."""
     trainer, group = small_trainer, 4
@@ -122,7 +110,7 @@ def test_dapo_filter_equals_dropping_the_groups(small_trainer):
         trainer.model.zero_grad()
         return loss.detach(), grad
 
-    filtered = dataclasses.replace(rollout, completion_mask=rollout.completion_mask & keep[:, None])
+    filtered = replace(rollout, completion_mask=rollout.completion_mask & keep[:, None])
     loss_filtered, grad_filtered = loss_and_grad(filtered, advantages)
     loss_dropped, grad_dropped = loss_and_grad(subset(rollout, keep.nonzero()[:, 0]), advantages[keep])
     loss_all, _ = loss_and_grad(rollout, advantages)
