@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from ._triton_utils import SUPPORTED_DTYPES, absorb_tile, block_config, dot_precisions, grown, last_dim_contiguous
 from ._triton_utils import logit_tiles
+from .torch_chunked import GradientPlan
 
 
 @triton.jit
@@ -222,26 +223,6 @@ def linear_perception_kl_forward(hidden, hidden_masked, weight, bias, tokens, te
     return tuple(outputs[:3]), (tuple(outputs[3:]) if paired else None)
 
 
-@dataclass(frozen=True)
-class BackwardPlan:
-    """What the backward computes, from the upstream gradients present and the inputs that want one."""
-
-    clean_dz: bool
-    masked_dz: bool
-    clean_logits: bool
-    masked_logits: bool
-
-    @classmethod
-    def make(cls, grads, needs_hidden, needs_hidden_masked, needs_head) -> "BackwardPlan":
-        logprobs_grad, logprobs_masked_grad, entropy_grad, entropy_masked_grad, kl_grad = grads
-        has_kl = kl_grad is not None
-        clean_dz = (logprobs_grad is not None or entropy_grad is not None or has_kl) and (needs_hidden or needs_head)
-        masked_dz = (logprobs_masked_grad is not None or entropy_masked_grad is not None or has_kl) and (
-            needs_hidden_masked or needs_head)
-        # the KL terms couple the passes: dz needs log q, dz~ needs p
-        return cls(clean_dz, masked_dz, clean_dz or (masked_dz and has_kl), masked_dz or (clean_dz and has_kl))
-
-
 def linear_perception_kl_backward(saved, grads, needs_input_grad, temperature):
     """Launch the backward; returns float32 gradients for (hidden, hidden_masked, weight, bias),
     None where not wanted or identically zero.
@@ -252,7 +233,7 @@ def linear_perception_kl_backward(saved, grads, needs_input_grad, temperature):
     """
     hidden, hidden_masked, weight, bias, tokens, lse, lse_masked, entropy, entropy_masked, kl = saved
     needs_hidden, needs_hidden_masked, needs_weight, needs_bias = needs_input_grad
-    plan = BackwardPlan.make(grads, needs_hidden, needs_hidden_masked, needs_weight or needs_bias)
+    plan = GradientPlan.make(grads, needs_hidden, needs_hidden_masked, needs_weight or needs_bias)
     if not (plan.clean_dz or plan.masked_dz):
         return None, None, None, None
     hidden, weight = last_dim_contiguous(hidden), last_dim_contiguous(weight)
