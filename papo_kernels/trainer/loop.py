@@ -43,7 +43,7 @@ from .plotting import plot_metrics
 from .policy import (CompletionHiddenStates, clean_and_masked_inputs, head_tokens, response_logprobs,
                      sequence_inputs, vocabulary_index)
 from .rewards import score_response
-from .rollout import Rollout, encode_prompts, generate, roll_out
+from .rollout import Rollout, encode_prompts, generate, masked_pixel_values, roll_out
 from .tiny_model import build_model, build_processor
 
 LOSS_METRICS = ("policy_loss", "clip_fraction_low", "clip_fraction_high", "perception_kl", "ref_kl", "entropy",
@@ -177,13 +177,13 @@ class Trainer:
         examples = self.dataset.batch(step, config.prompts_per_step)
         examples = examples[rank * self.local_prompts:(rank + 1) * self.local_prompts]
         mask_generator = torch.Generator().manual_seed(derived_seed(config.seed, step, rank, "mask"))
-        prompt, masked_pixel_values = encode_prompts(self.processor, examples, config.mask_target, config.mask_cell,
-                                                     config.mask_probability, mask_generator)
+        prompt = encode_prompts(self.processor, examples)
+        masked = masked_pixel_values(self.processor, examples, prompt, config.mask_target, config.mask_cell,
+                                     config.mask_probability, mask_generator)
         device = self.accelerator.device
         prompt = {key: value.to(device) for key, value in prompt.items()}
         self.model.eval()
-        rollout = roll_out(self.model, self.processor, examples, config.group_size, masked_pixel_values.to(device),
-                           prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        rollout = roll_out(self.model, self.processor, examples, config.group_size, masked.to(device), prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                            top_p=config.top_p, suppress_ids=self.suppress_ids, eos_ids=self.eos_ids,
                            pad_id=self.pad_id)
         scores = torch.tensor([score_response(text, answer, config.answer_format, config.accuracy_weight,
@@ -321,9 +321,8 @@ class Trainer:
         """Greedy accuracy on ``eval_prompts`` fixed prompts (fresh images for the synthetic task)."""
         config = self.config
         examples = self.eval_dataset.batch(0, config.eval_prompts)
-        generator = torch.Generator().manual_seed(0)
-        prompt, _ = encode_prompts(self.processor, examples, "image", config.mask_cell, 0.0, generator)
-        prompt = {key: value.to(self.accelerator.device) for key, value in prompt.items()}
+        prompt = {key: value.to(self.accelerator.device) for key, value in encode_prompts(self.processor,
+                                                                                          examples).items()}
         self.model.eval()
         completion_ids = generate(self.model, prompt, max_new_tokens=config.max_new_tokens, do_sample=False,
                                   temperature=config.temperature, top_p=config.top_p, suppress_ids=self.suppress_ids,

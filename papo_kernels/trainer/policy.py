@@ -48,16 +48,17 @@ def sequence_inputs(rollout: Rollout, index: Tensor, masked: bool) -> Inputs:
     inputs = dict(prompt)
     inputs["input_ids"] = torch.cat([prompt["input_ids"], completion_ids], dim=1)
     inputs["attention_mask"] = torch.cat([prompt["attention_mask"], completion_mask], dim=1)
-    if "mm_token_type_ids" in prompt:
-        text = torch.zeros_like(completion_ids, dtype=prompt["mm_token_type_ids"].dtype)
-        inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], text], dim=1)
+    text = torch.zeros_like(completion_ids, dtype=prompt["mm_token_type_ids"].dtype)
+    inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], text], dim=1)
+    inputs["position_ids"] = rollout.position_ids[:, index]
     return inputs
 
 
 def clean_and_masked_inputs(rollout: Rollout, index: Tensor) -> Inputs:
     """One batch of 2n sequences: the n clean ones, then the same n on their masked images."""
     clean, masked = sequence_inputs(rollout, index, masked=False), sequence_inputs(rollout, index, masked=True)
-    return {key: torch.cat([clean[key], masked[key]]) for key in clean}
+    # position_ids is (3, batch, length); everything else has the batch first.
+    return {key: torch.cat([clean[key], masked[key]], dim=1 if key == "position_ids" else 0) for key in clean}
 
 
 def vocabulary_index(vocabulary: Tensor, vocab_size: int) -> Tensor:

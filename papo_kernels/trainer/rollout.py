@@ -25,6 +25,7 @@ class Rollout:
     masked_pixel_values: Tensor  # pixel_values of the masked images, blocks in the order of prompt's
     completion_ids: Tensor  # (N, T), padding where completion_mask is 0
     completion_mask: Tensor  # (N, T) bool: the response's tokens up to and including its end-of-turn token
+    position_ids: Tensor  # (3, N, P + T) M-RoPE positions of prompt + response, shared by clean and masked passes
     texts: List[str]  # decoded responses
     answers: List[str]  # the known answer of each response's prompt
 
@@ -49,33 +50,54 @@ def take_sequences(inputs: Inputs, index: Tensor) -> Inputs:
     return taken
 
 
-def encode_prompts(processor, examples: Sequence[Example], mask_target: str, mask_cell: int,
-                   mask_probability: float, generator: torch.Generator):
-    """Processor inputs of the clean prompts and the ``pixel_values`` of their masked images (one mask each)."""
+def encode_prompts(processor, examples: Sequence[Example]) -> Inputs:
+    """Processor inputs of the clean prompts (left-padded), one image each."""
     texts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example.question}]}],
         add_generation_prompt=True, tokenize=False) for example in examples]
-    images = [example.image for example in examples]
-    clean = processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt")
-    clean = {key: value for key, value in clean.items()}
+    encoded = processor(images=[example.image for example in examples], text=texts, padding=True,
+                        padding_side="left", return_tensors="pt")
+    return dict(encoded)
+
+
+def masked_pixel_values(processor, examples: Sequence[Example], prompt: Inputs, mask_target: str, mask_cell: int,
+                        mask_probability: float, generator: torch.Generator) -> Tensor:
+    """``pixel_values`` of the prompts' masked images, one random mask per prompt.
+
+    ``mask_target="image"`` blackens cells of the raw image and runs the image processor;
+    ``"pixel_values"`` blackens patches of ``prompt["pixel_values"]`` in Qwen2-VL's order.
+    """
+    image_processor = processor.image_processor
     if mask_target == "image":
-        masked_images = [mask_image(image, random_cell_mask(image.height, image.width, mask_cell, mask_probability,
-                                                            generator), mask_cell) for image in images]
-        masked = processor.image_processor(images=masked_images, return_tensors="pt")["pixel_values"]
-    else:
-        image_processor = processor.image_processor
-        cell_masks = [random_cell_mask(h, w, 1, mask_probability, generator)
-                      for _, h, w in clean["image_grid_thw"].tolist()]
-        masked = mask_pixel_values(clean["pixel_values"], clean["image_grid_thw"], cell_masks,
-                                   image_processor.merge_size,
-                                   normalised_black(image_processor.image_mean, image_processor.image_std))
-    return clean, masked
+        masked_images = [mask_image(example.image, random_cell_mask(example.image.height, example.image.width,
+                                                                    mask_cell, mask_probability, generator),
+                                    mask_cell) for example in examples]
+        return image_processor(images=masked_images, return_tensors="pt")["pixel_values"]
+    cell_masks = [random_cell_mask(h, w, 1, mask_probability, generator)
+                  for _, h, w in prompt["image_grid_thw"].tolist()]
+    return mask_pixel_values(prompt["pixel_values"], prompt["image_grid_thw"], cell_masks, image_processor.merge_size,
+                             normalised_black(image_processor.image_mean, image_processor.image_std))
 
 
 def completion_mask_until_eos(completion_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
     """True for the tokens up to and including the first end-of-sequence token of each row."""
     is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device))
     return (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0
+
+
+def mrope_positions(model, prompt: Inputs, completion_length: int) -> Tensor:
+    """``(3, B, P + completion_length)`` M-RoPE positions of the prompts followed by a text response.
+
+    The model computes the prompts' positions (image tokens get 3-D ones); the response is
+    text, so its positions continue from the prompt's largest by 1 per token on all three
+    axes. One pass over the B prompts instead of one per response and per forward.
+    """
+    positions, _ = model.model.get_rope_index(
+        input_ids=prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
+        image_grid_thw=prompt["image_grid_thw"], attention_mask=prompt["attention_mask"])
+    start = positions.amax(dim=(0, 2)) + 1
+    response = start[:, None] + torch.arange(completion_length, device=positions.device)
+    return torch.cat([positions, response[None].expand(3, -1, -1)], dim=2)
 
 
 @torch.no_grad()
@@ -89,18 +111,20 @@ def generate(model, prompt: Inputs, *, max_new_tokens: int, do_sample: bool, tem
     return output[:, prompt["input_ids"].shape[1]:]
 
 
-def roll_out(model, processor, examples: Sequence[Example], group_size: int, masked_pixel_values: Tensor,
-             prompt: Inputs, *, max_new_tokens: int, temperature: float, top_p: float, suppress_ids: Sequence[int],
+def roll_out(model, processor, examples: Sequence[Example], group_size: int, masked: Tensor, prompt: Inputs, *,
+             max_new_tokens: int, temperature: float, top_p: float, suppress_ids: Sequence[int],
              eos_ids: Sequence[int], pad_id: int) -> Rollout:
-    """Sample ``group_size`` responses per prompt; the masked image of a prompt is shared by its responses."""
+    """Sample ``group_size`` responses per prompt; ``masked`` (the prompts' masked ``pixel_values``) is
+    repeated alike, so the G responses of a prompt share its masked image."""
     repeat = torch.arange(len(examples)).repeat_interleave(group_size)
-    masked_pixel_values = take_blocks(masked_pixel_values, prompt["image_grid_thw"], repeat)
-    prompt = take_sequences(prompt, repeat)
+    masked = take_blocks(masked, prompt["image_grid_thw"], repeat)
+    unique_prompts, prompt = prompt, take_sequences(prompt, repeat)
     completion_ids = generate(model, prompt, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                               top_p=top_p, suppress_ids=suppress_ids, eos_ids=eos_ids, pad_id=pad_id)
+    position_ids = mrope_positions(model, unique_prompts, completion_ids.shape[1])[:, repeat]
     completion_mask = completion_mask_until_eos(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
     texts = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollout(prompt=prompt, masked_pixel_values=masked_pixel_values, completion_ids=completion_ids,
-                   completion_mask=completion_mask, texts=texts,
+    return Rollout(prompt=prompt, masked_pixel_values=masked, completion_ids=completion_ids,
+                   completion_mask=completion_mask, position_ids=position_ids, texts=texts,
                    answers=[examples[i].answer for i in repeat.tolist()])

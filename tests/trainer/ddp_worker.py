@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from papo_kernels.trainer import Trainer  # noqa: E402
-from papo_kernels.trainer.rollout import encode_prompts, roll_out  # noqa: E402
+from papo_kernels.trainer.rollout import encode_prompts, masked_pixel_values, roll_out  # noqa: E402
 from trainer_helpers import small_config, subset  # noqa: E402
 
 
@@ -23,7 +23,8 @@ def one_update(output_dir) -> dict:
     accelerator = trainer.accelerator
     torch.manual_seed(1234)
     examples = trainer.dataset.batch(0, trainer.config.prompts_per_step)
-    prompt, masked = encode_prompts(trainer.processor, examples, "image", 14, 0.6, torch.Generator().manual_seed(0))
+    prompt = encode_prompts(trainer.processor, examples)
+    masked = masked_pixel_values(trainer.processor, examples, prompt, "image", 14, 0.6, torch.Generator().manual_seed(0))
     rollout = roll_out(trainer.model, trainer.processor, examples, trainer.config.group_size, masked, prompt,
                        max_new_tokens=3, temperature=1.0, top_p=1.0, suppress_ids=trainer.suppress_ids,
                        eos_ids=trainer.eos_ids, pad_id=trainer.pad_id)

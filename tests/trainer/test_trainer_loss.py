@@ -117,3 +117,15 @@ def test_dapo_filter_equals_dropping_the_groups(small_trainer):
     torch.testing.assert_close(loss_filtered, loss_dropped, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad_filtered, grad_dropped, rtol=1e-4, atol=1e-8)
     assert not torch.isclose(loss_all, loss_filtered, rtol=1e-3), "the filter must change the loss"
+
+
+def test_precomputed_positions_equal_the_models_own(small_trainer):
+    rollout, _ = small_trainer.make_rollout(0)
+    inputs = sequence_inputs(rollout, torch.arange(len(rollout)), masked=False)
+    own, _ = small_trainer.model.model.get_rope_index(
+        input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    real = inputs["attention_mask"].bool()[None].expand_as(own)
+    assert torch.equal(rollout.position_ids[real], own[real])
+    # The image tokens really have 2-D positions: height and width differ somewhere.
+    assert not torch.equal(own[1], own[2])

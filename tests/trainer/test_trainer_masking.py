@@ -7,7 +7,7 @@ from PIL import Image
 
 from papo_kernels.trainer.masking import (mask_image, mask_pixel_values, normalised_black, qwen2vl_patch_rows,
                                           random_cell_mask)
-from papo_kernels.trainer.rollout import encode_prompts, roll_out
+from papo_kernels.trainer.rollout import encode_prompts, masked_pixel_values, roll_out
 from papo_kernels.trainer.tiny_model import build_processor
 
 PATCH = 14
@@ -99,8 +99,9 @@ def test_normalised_black_is_what_the_processor_makes_of_black():
 def test_one_mask_shared_by_the_responses_of_a_prompt(small_trainer, mask_target):
     trainer, group = small_trainer, 4
     examples = trainer.dataset.batch(0, 3)
-    prompt, masked = encode_prompts(trainer.processor, examples, mask_target, PATCH, 0.6,
-                                    torch.Generator().manual_seed(0))
+    prompt = encode_prompts(trainer.processor, examples)
+    masked = masked_pixel_values(trainer.processor, examples, prompt, mask_target, PATCH, 0.6,
+                                 torch.Generator().manual_seed(0))
     rollout = roll_out(trainer.model, trainer.processor, examples, group, masked, prompt, max_new_tokens=2,
                        temperature=1.0, top_p=1.0, suppress_ids=trainer.suppress_ids, eos_ids=trainer.eos_ids,
                        pad_id=trainer.pad_id)

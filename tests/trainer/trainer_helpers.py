@@ -20,5 +20,6 @@ def subset(rollout, index):
     return dataclasses.replace(rollout, prompt=prompt, masked_pixel_values=masked,
                                completion_ids=rollout.completion_ids[index],
                                completion_mask=rollout.completion_mask[index],
+                               position_ids=rollout.position_ids[:, index],
                                texts=[rollout.texts[i] for i in index.tolist()],
                                answers=[rollout.answers[i] for i in index.tolist()])
