@@ -50,6 +50,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 
 
+INTERPRETER_HEAD = "interpreter-tiny"
+
+
 @dataclass(frozen=True)
 class Sweep:
     """Shapes and settings of one kind of run."""
@@ -62,27 +65,30 @@ class Sweep:
     budget_mib: float  # memory budget of the largest-N search
     n_step: int  # the largest-N search works in multiples of this
     n_limit: int  # and stops here
+    interpreter_shape: Optional[Shape] = None  # on CPU, Triton implementations run here only, interpreted
 
-    def shapes(self):
-        for head, (d, v) in self.heads.items():
-            for n in self.ns:
-                yield head, Shape(n, d, v)
+    def all_heads(self) -> Dict[str, Tuple[int, int]]:
+        heads = dict(self.heads)
+        shape = self.interpreter_shape
+        if shape is not None and (shape.d, shape.v) not in heads.values():
+            heads = {INTERPRETER_HEAD: (shape.d, shape.v), **heads}
+        return heads
 
-    @property
-    def interpreter_shape(self) -> Shape:
-        """On CPU, Triton implementations run (interpreted) at the smallest N of the first head only."""
-        d, v = next(iter(self.heads.values()))
-        return Shape(self.ns[0], d, v)
+    def cases(self) -> List[Tuple[str, Shape]]:
+        cases = [(head, Shape(n, d, v)) for head, (d, v) in self.heads.items() for n in self.ns]
+        if self.interpreter_shape is not None and self.interpreter_shape not in [shape for _, shape in cases]:
+            cases.insert(0, (INTERPRETER_HEAD, self.interpreter_shape))
+        return cases
 
 
 SWEEPS = {
     "gpu": Sweep(dtype=torch.bfloat16, heads={"Qwen2.5-VL-3B": (2048, 151936), "Qwen2.5-VL-7B": (3584, 152064)},
                  ns=(2048, 4096, 8192, 16384), reps=20, warmup=3, budget_mib=40 * 1024, n_step=1024,
                  n_limit=262144),
-    "cpu": Sweep(dtype=torch.float32, heads={"cpu-small": (256, 4096)}, ns=(64, 256, 1024), reps=7, warmup=1,
-                 budget_mib=256, n_step=512, n_limit=8192),
+    "cpu": Sweep(dtype=torch.float32, heads={"cpu-small": (256, 4096)}, ns=(128, 256, 512, 1024), reps=5, warmup=1,
+                 budget_mib=128, n_step=512, n_limit=4096, interpreter_shape=Shape(16, 32, 256)),
     "quick": Sweep(dtype=torch.float32, heads={"cpu-tiny": (32, 256)}, ns=(16, 64), reps=2, warmup=1,
-                   budget_mib=4, n_step=512, n_limit=2048),
+                   budget_mib=4, n_step=512, n_limit=2048, interpreter_shape=Shape(16, 32, 256)),
 }
 
 
@@ -144,6 +150,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def release(device: torch.device) -> None:
+    """Free what the last shape left behind (gc.collect takes a fraction of a second: once per shape)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -183,7 +190,6 @@ def peak_memory_mib(forward, op: str, inputs: Inputs, mode: str, meter: PeakMemo
     if meter.unavailable:
         return math.nan
     inputs.zero_grad()
-    release(meter.device)
     synchronize(meter.device)
     meter.reset()
     baseline = meter.current_mib()
@@ -198,7 +204,7 @@ def peak_memory_mib(forward, op: str, inputs: Inputs, mode: str, meter: PeakMemo
     peak = meter.peak_mib() - baseline
     del outputs
     inputs.zero_grad()
-    return peak
+    return max(peak, 0.0)  # RSS counters are cached per thread: a peak of ~0 can read a few KiB below
 
 
 def describe(error: Exception) -> str:
@@ -244,7 +250,7 @@ class Runner:
         try:
             times = time_mode(forward, op, inputs, mode, self.sweep.reps, self.sweep.warmup, self.device)
             peak = peak_memory_mib(forward, op, inputs, mode, self.meter)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             row = self.row(implementation, op, mode, shape, status="oom", note="out of device memory")
         except Exception as error:  # a peer failing on this device is a result to record, not a crash
             row = self.row(implementation, op, mode, shape, status="error",
@@ -255,7 +261,6 @@ class Runner:
             row = self.row(implementation, op, mode, shape, **stats, peak_mem_mib=peak,
                            tflops=flops.tflops(flop_count, stats["median_ms"]), note="; ".join(notes) or None)
         inputs.zero_grad()
-        release(self.device)
         self.log(row)
 
     def matmul(self, shape: Shape, inputs: Inputs) -> None:
@@ -266,7 +271,7 @@ class Runner:
 
     def sweep_cases(self) -> None:
         interpreter_shape = self.sweep.interpreter_shape
-        for head, shape in self.sweep.shapes():
+        for head, shape in self.sweep.cases():
             print(f"{head}: N={shape.n} D={shape.d} V={shape.v}", file=sys.stderr, flush=True)
             inputs = make_inputs(shape, self.sweep.dtype, self.device)
             self.matmul(shape, inputs)
@@ -294,7 +299,7 @@ class Runner:
             forward = impl.build(MAX_N_OP, inputs)
             run_mode(forward, MAX_N_OP, inputs, "full")
             peak = peak_memory_mib(forward, MAX_N_OP, inputs, "full", self.meter)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             return False, math.nan
         finally:
             del inputs
@@ -371,7 +376,8 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU {model} ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def device_slug(device: torch.device, name: str) -> str:
@@ -416,9 +422,8 @@ def _number(value, digits: str) -> str:
 def markdown(rows: List[Dict[str, object]], chosen: List[Implementation], sweep: Sweep, device: torch.device,
              command: str) -> str:
     first = rows[0]
-    label = "CPU" if device.type == "cpu" else "GPU"
     lines = [
-        f"# papo-kernels benchmarks: {label}, {first['device']}",
+        f"# papo-kernels benchmarks: {first['device']}",
         "",
         f"Run of {first['date']}, papo_kernels {first['version']}, git {first['git_sha']}, dtype {first['dtype']}, "
         f"{sweep.reps} timed runs after {sweep.warmup} warm-up per case. Command: `{command}`.",
@@ -431,18 +436,30 @@ def markdown(rows: List[Dict[str, object]], chosen: List[Implementation], sweep:
         "",
     ]
     if device.type == "cpu":
-        lines += ["**CPU run.** These figures show that the harness works; they are not GPU figures, and rows "
-                  "marked TRITON_INTERPRET=1 time Triton's interpreter, not a kernel.", ""]
+        lines += ["**CPU run.** These figures show that the harness works; they are not GPU figures. Rows marked "
+                  "TRITON_INTERPRET=1 time Triton's interpreter, not a kernel. CPU peak memory is the growth of the "
+                  "process's resident-set high-water mark (VmHWM), good to about 0.1 MiB.", ""]
     lines += ["## What each implementation computes", "", "| implementation | computes |", "| --- | --- |"]
     lines += [f"| {impl.name} | {impl.computes} |" for impl in chosen]
     lines += [""]
 
-    sweep_rows = [row for row in rows if row["case"] == "sweep"]
+    skipped = [row for row in rows if row["status"] == "skipped"]
+    if skipped:
+        lines += ["## Not run here", "", "| implementation | reason | ops and modes |", "| --- | --- | --- |"]
+        reasons: Dict[Tuple[str, str], Dict[str, None]] = {}
+        for row in skipped:
+            what = f"{row['op']} {row['mode']}" + (" (largest N)" if row["case"] == "max_n" else "")
+            reasons.setdefault((row["implementation"], row["note"]), {})[what] = None
+        for (name, reason), cases in reasons.items():
+            lines.append(f"| {name} | {reason} | {', '.join(cases)} |")
+        lines.append("")
+
+    sweep_rows = [row for row in rows if row["case"] == "sweep" and row["status"] != "skipped"]
     matmul_rate = {(row["N"], row["D"], row["V"]): row["tflops"] for row in sweep_rows
                    if row["implementation"] == MATMUL and row["status"] == "ok"}
     naive_time = {(row["op"], row["mode"], row["N"], row["D"], row["V"]): row["median_ms"] for row in sweep_rows
                   if row["implementation"] == NAIVE and row["status"] == "ok"}
-    heads = {(d, v): name for name, (d, v) in sweep.heads.items()}
+    heads = {(d, v): name for name, (d, v) in sweep.all_heads().items()}
     for (d, v), head in heads.items():
         lines += [f"## {head} (D = {d}, V = {v})", ""]
         for op in ["matmul", *OPS]:
@@ -467,6 +484,7 @@ def markdown(rows: List[Dict[str, object]], chosen: List[Implementation], sweep:
             lines.append("")
 
     max_rows = [row for row in rows if row["case"] == "max_n"]
+    max_rows = [row for row in max_rows if row["status"] != "skipped"]
     if max_rows:
         lines += [f"## Largest N within {sweep.budget_mib:g} MiB ({MAX_N_OP}, full mode)", "",
                   "| implementation | largest N | peak MiB there | status |", "| --- | ---: | ---: | --- |"]
@@ -488,6 +506,8 @@ def plot(rows: List[Dict[str, object]], sweep: Sweep, device: torch.device, path
     panels = [(head, d, v, op) for head, (d, v) in sweep.heads.items() for op in OPS]
     figure, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
     label = "CPU" if device.type == "cpu" else "GPU"
+    names = list(dict.fromkeys(row["implementation"] for row in rows))
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
     for (head, d, v, op), (time_axis, memory_axis) in zip(panels, axes):
         selected = [row for row in rows if row["case"] == "sweep" and row["op"] == op and row["mode"] == "full"
                     and (row["D"], row["V"]) == (d, v) and row["status"] == "ok"]
@@ -495,19 +515,21 @@ def plot(rows: List[Dict[str, object]], sweep: Sweep, device: torch.device, path
             points = sorted((row["N"], row["median_ms"], row["peak_mem_mib"]) for row in selected
                             if row["implementation"] == name)
             ns = [p[0] for p in points]
-            time_axis.plot(ns, [p[1] for p in points], marker="o", label=name)
-            memory_axis.plot(ns, [p[2] for p in points], marker="o", label=name)
+            time_axis.plot(ns, [p[1] for p in points], marker="o", label=name, color=colours[name])
+            memory_axis.plot(ns, [p[2] for p in points], marker="o", label=name, color=colours[name])
+        time_axis.set_yscale("log")
+        memory_axis.set_yscale("symlog", linthresh=1.0)  # a peak of 0 MiB stays on the plot
         for axis, what in ((time_axis, "median time (ms)"), (memory_axis, "peak memory above inputs (MiB)")):
             axis.set_xscale("log", base=2)
-            axis.set_yscale("log")
             axis.set_xlabel("N (tokens per pass)")
             axis.set_ylabel(what)
             axis.set_title(f"{label} {head}: {op}, forward + backward", fontsize=9)
             axis.grid(True, which="both", alpha=0.3)
-        time_axis.legend(fontsize=7)
+        if selected:
+            time_axis.legend(fontsize=7)
     first = rows[0]
     figure.suptitle(f"{first['device']}, {first['date']}, git {first['git_sha'][:12]}, {first['dtype']}", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / len(panels)))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

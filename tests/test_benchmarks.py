@@ -1,0 +1,93 @@
+"""The benchmark harness runs end to end on tiny CPU shapes, so it never rots, and counts FLOPs right."""
+
+import csv
+
+import pytest
+
+import papo_kernels
+from benchmarks import flops, run
+from benchmarks.implementations import MODES, OPS
+
+STATUSES = {"ok", "skipped", "error", "oom", "over_budget"}
+
+
+def test_flop_floor_of_the_qwen_3b_head():
+    n, d, v = 2048, 2048, 151936
+    one_pass_forward = 1_274_531_545_088  # 2 N D V: 1.27 TFLOP for 2048 tokens through a 2048 x 151936 head
+    assert flops.lm_head_flops("logprobs", "forward", n, d, v) == one_pass_forward
+    assert flops.lm_head_flops("logprobs", "backward", n, d, v) == 2 * one_pass_forward
+    assert flops.lm_head_flops("perception_kl", "full", n, d, v) == 6 * one_pass_forward
+    assert flops.lm_head_flops("papo_loss", "full", n, d, v) == 6 * one_pass_forward
+    assert flops.matmul_flops(n, d, v) == one_pass_forward
+    assert flops.tflops(one_pass_forward, 1000.0) == pytest.approx(1.274531545088)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    csv_path = run.main(["--cpu", "--quick", "--out", str(out)])
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    return csv_path, rows
+
+
+def test_csv_is_long_format_and_labelled_cpu(quick_run):
+    csv_path, rows = quick_run
+    assert csv_path.name.startswith("cpu-")
+    assert tuple(rows[0]) == run.COLUMNS
+    assert {row["status"] for row in rows} <= STATUSES
+    for row in rows:
+        assert row["device"].startswith("CPU ")
+        assert row["version"] == papo_kernels.__version__
+        assert row["git_sha"] and row["date"]
+
+
+def test_every_backend_op_and_mode_is_measured(quick_run):
+    _, rows = quick_run
+    sweep = run.SWEEPS["quick"]
+    smallest = str(sweep.ns[0])
+    measured = {(row["implementation"], row["op"], row["mode"]): row for row in rows
+                if row["case"] == "sweep" and row["N"] == smallest}
+    names = [f"papo_kernels.{name}" for name in papo_kernels.BACKENDS if name != "auto"] + ["naive_torch"]
+    for name in names:
+        for op in OPS:
+            for mode in MODES:
+                row = measured[(name, op, mode)]
+                assert row["status"] == "ok", row
+                assert 0 < float(row["p20_ms"]) <= float(row["median_ms"]) <= float(row["p80_ms"])
+                assert float(row["tflops"]) > 0
+                assert float(row["peak_mem_mib"]) >= 0
+    matmul_ns = {row["N"] for row in rows if row["implementation"] == run.MATMUL and row["status"] == "ok"}
+    assert matmul_ns == {str(n) for n in sweep.ns}
+
+
+def test_largest_n_search_has_a_row_per_implementation(quick_run):
+    _, rows = quick_run
+    searched = [row for row in rows if row["case"] == "max_n"]
+    assert {row["implementation"] for row in searched} == {
+        row["implementation"] for row in rows if row["case"] == "sweep" and row["implementation"] != run.MATMUL}
+    for row in searched:
+        assert float(row["budget_mib"]) == run.SWEEPS["quick"].budget_mib
+        if row["status"] == "ok":
+            assert float(row["peak_mem_mib"]) <= float(row["budget_mib"])
+
+
+def test_markdown_and_plot_are_written(quick_run):
+    csv_path, _ = quick_run
+    text = csv_path.with_suffix(".md").read_text()
+    assert text.startswith("# papo-kernels benchmarks: CPU")
+    assert "| implementation | mode | N |" in text
+    assert csv_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quick"], "one of the arguments --gpu --cpu is required"),
+    (["--cpu", "--reps", "0"], "expected a positive integer"),
+    (["--cpu", "--implementations", "nope"], "invalid choice"),
+    (["--cpu", "--n", "700"], "multiples of 512"),
+])
+def test_bad_command_lines_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
