@@ -134,12 +134,13 @@ def _linear_perception_kl_bwd_kernel(
         dim, stride_hidden, stride_hidden_masked, stride_weight, temperature,
         HAS_BIAS, CLEAN_LOGITS, MASKED_LOGITS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
+    # log p = z - lse; p = 0 outside the tile's valid rows and columns, so dz is 0 there
     if CLEAN_LOGITS:
-        log_p = z - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]  # log p = z - lse
-        p = tl.exp(log_p)
+        log_p = tl.where(tile_ok, z - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None], 0.0)
+        p = tl.where(tile_ok, tl.exp(log_p), 0.0)
     if MASKED_LOGITS:
-        log_q = z_masked - tl.load(lse_masked_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        q = tl.exp(log_q)
+        log_q = tl.where(tile_ok, z_masked - tl.load(lse_masked_ptr + rows, mask=row_ok, other=0.0)[:, None], 0.0)
+        q = tl.where(tile_ok, tl.exp(log_q), 0.0)
     if KL_GRAD:
         kl_grad = tl.load(kl_grad_ptr + rows, mask=row_ok, other=0.0)[:, None]
 
@@ -153,7 +154,7 @@ def _linear_perception_kl_bwd_kernel(
         if KL_GRAD:  # d KL / dz = p (log p - log q - KL)
             kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)[:, None]
             dz += kl_grad * p * (log_p - log_q - kl)
-        dz = tl.where(tile_ok, dz, 0.0) / temperature
+        dz = dz / temperature
     dz_masked = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if MASKED_DZ:
         if LOGPROBS_MASKED_GRAD:  # d l~ / dz~ = e_y - q
@@ -164,7 +165,7 @@ def _linear_perception_kl_bwd_kernel(
                 log_q + entropy_masked)
         if KL_GRAD:  # d KL / dz~ = q - p
             dz_masked += kl_grad * (q - p)
-        dz_masked = tl.where(tile_ok, dz_masked, 0.0) / temperature
+        dz_masked = dz_masked / temperature
 
     # dz and dz~ already carry 1/tau: dh = dz W, dW = dz^T h + dz~^T h~, db = sum_rows (dz + dz~)
     if GRAD_BIAS:
