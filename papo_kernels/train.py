@@ -48,8 +48,6 @@ def _flag_type(field: dataclasses.Field):
         return float
     if field.name in ("model", "data", "perception_kl"):
         return str
-    if field.name == "num_threads":
-        return int
     return type(default)
 
 

@@ -48,16 +48,12 @@ from .tiny_model import build_model, build_processor
 
 LOSS_METRICS = ("policy_loss", "clip_fraction_low", "clip_fraction_high", "perception_kl", "ref_kl", "entropy",
                 "entropy_masked", "ratio_mean")
-EVAL_SEED_OFFSET = 1_000_003  # eval prompts come from a stream the training steps never draw
+EVAL_STEP = -1  # the evaluation prompts are the data's draw for a step that training never reaches
 
 
 def derived_seed(*parts) -> int:
     """A 63-bit seed that depends on every part (seed, step, process, purpose)."""
     return random.Random("-".join(map(str, parts))).getrandbits(63)
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class Trainer:
@@ -68,7 +64,7 @@ class Trainer:
         # cpu=True when there is no GPU lets `accelerate launch` run several CPU processes (gloo).
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         world = self.accelerator.num_processes
-        torch.set_num_threads(config.num_threads or max(1, available_cores() // world))
+        torch.set_num_threads(config.num_threads)
         if config.prompts_per_step % world:
             raise ValueError(f"config field 'prompts_per_step': got {config.prompts_per_step}, expected a multiple "
                              f"of the number of processes ({world})")
@@ -81,10 +77,8 @@ class Trainer:
 
         if config.data is not None:
             self.dataset = JsonlDataset(config.data, config.seed)
-            self.eval_dataset = JsonlDataset(config.data, config.seed + EVAL_SEED_OFFSET)
         else:
             self.dataset = SyntheticShapes(config.tasks, config.image_size, config.seed)
-            self.eval_dataset = SyntheticShapes(config.tasks, config.image_size, config.seed + EVAL_SEED_OFFSET)
         if config.model is not None:
             model, self.processor = load_local_model(config.model)
         else:
@@ -127,8 +121,9 @@ class Trainer:
                       model.config.vision_end_token_id]
         # Special tokens (other than end-of-turn) and head rows past the tokenizer are never sampled.
         suppressed = set(tokenizer.all_special_ids) | set(vision_ids) | set(range(len(tokenizer), vocab_size))
-        self.suppress_ids = sorted(suppressed - set(self.eos_ids))
-        self.vocabulary = torch.tensor([i for i in range(vocab_size) if i not in set(self.suppress_ids)])
+        suppressed -= set(self.eos_ids)
+        self.suppress_ids = sorted(suppressed)
+        self.vocabulary = torch.tensor([i for i in range(vocab_size) if i not in suppressed])
         self.token_index = vocabulary_index(self.vocabulary, vocab_size).to(self.accelerator.device)
 
     @staticmethod
@@ -183,9 +178,9 @@ class Trainer:
         device = self.accelerator.device
         prompt = {key: value.to(device) for key, value in prompt.items()}
         self.model.eval()
-        rollout = roll_out(self.model, self.processor, examples, config.group_size, masked.to(device), prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                           top_p=config.top_p, suppress_ids=self.suppress_ids, eos_ids=self.eos_ids,
-                           pad_id=self.pad_id)
+        rollout = roll_out(self.model, self.processor, examples, config.group_size, masked.to(device), prompt,
+                           max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                           suppress_ids=self.suppress_ids, eos_ids=self.eos_ids, pad_id=self.pad_id)
         scores = torch.tensor([score_response(text, answer, config.answer_format, config.accuracy_weight,
                                               config.format_weight) for text, answer in zip(rollout.texts,
                                                                                             rollout.answers)])
@@ -317,10 +312,11 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self, step: int) -> float:
-        """Greedy accuracy on ``eval_prompts`` fixed prompts (fresh images for the synthetic task)."""
+    def evaluate(self) -> float:
+        """Greedy accuracy on ``eval_prompts`` fixed prompts (images no training step draws, for the synthetic task;
+        a fixed sample of the file, for JSONL data)."""
         config = self.config
-        examples = self.eval_dataset.batch(0, config.eval_prompts)
+        examples = self.dataset.batch(EVAL_STEP, config.eval_prompts)
         prompt = {key: value.to(self.accelerator.device) for key, value in encode_prompts(self.processor,
                                                                                           examples).items()}
         self.model.eval()
@@ -344,7 +340,7 @@ class Trainer:
         for step in progress:
             record = self.train_step(step)
             if is_main and config.eval_every and (step % config.eval_every == 0 or step == config.steps - 1):
-                record["eval_accuracy"] = self.evaluate(step)
+                record["eval_accuracy"] = self.evaluate()
             if is_main:
                 self.metrics_log.write(record)
                 progress.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",

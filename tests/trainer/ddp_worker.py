@@ -24,7 +24,8 @@ def one_update(output_dir) -> dict:
     torch.manual_seed(1234)
     examples = trainer.dataset.batch(0, trainer.config.prompts_per_step)
     prompt = encode_prompts(trainer.processor, examples)
-    masked = masked_pixel_values(trainer.processor, examples, prompt, "image", 14, 0.6, torch.Generator().manual_seed(0))
+    masked = masked_pixel_values(trainer.processor, examples, prompt, "image", 14, 0.6,
+                                 torch.Generator().manual_seed(0))
     rollout = roll_out(trainer.model, trainer.processor, examples, trainer.config.group_size, masked, prompt,
                        max_new_tokens=3, temperature=1.0, top_p=1.0, suppress_ids=trainer.suppress_ids,
                        eos_ids=trainer.eos_ids, pad_id=trainer.pad_id)
