@@ -41,7 +41,8 @@ from . import flops
 from .implementations import MODES, OPS, Implementation, Inputs, Shape, backward, implementations, make_inputs
 
 COLUMNS = ("implementation", "op", "mode", "N", "D", "V", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_mib",
-           "tflops", "device", "date", "version", "git_sha", "case", "budget_mib", "status", "note")
+           "tflops", "device", "date", "version", "git_sha", "reps", "case", "budget_mib", "status", "note")
+MIN_REPS = 3
 MATMUL = "torch.matmul"
 NAIVE = "naive_torch"
 MAX_N_OP = "papo_loss"
@@ -65,6 +66,7 @@ class Sweep:
     budget_mib: float  # memory budget of the largest-N search
     n_step: int  # the largest-N search works in multiples of this
     n_limit: int  # and stops here
+    case_seconds: float  # a case stops timing after this long, once it has MIN_REPS timed runs
     interpreter_shape: Optional[Shape] = None  # on CPU, Triton implementations run here only, interpreted
 
     def all_heads(self) -> Dict[str, Tuple[int, int]]:
@@ -84,11 +86,11 @@ class Sweep:
 SWEEPS = {
     "gpu": Sweep(dtype=torch.bfloat16, heads={"Qwen2.5-VL-3B": (2048, 151936), "Qwen2.5-VL-7B": (3584, 152064)},
                  ns=(2048, 4096, 8192, 16384), reps=20, warmup=3, budget_mib=40 * 1024, n_step=1024,
-                 n_limit=262144),
+                 n_limit=262144, case_seconds=15),
     "cpu": Sweep(dtype=torch.float32, heads={"cpu-small": (256, 4096)}, ns=(128, 256, 512, 1024), reps=5, warmup=1,
-                 budget_mib=128, n_step=512, n_limit=4096, interpreter_shape=Shape(16, 32, 256)),
+                 budget_mib=128, n_step=512, n_limit=4096, case_seconds=5, interpreter_shape=Shape(16, 32, 256)),
     "quick": Sweep(dtype=torch.float32, heads={"cpu-tiny": (32, 256)}, ns=(16, 64), reps=2, warmup=1,
-                   budget_mib=4, n_step=512, n_limit=2048, interpreter_shape=Shape(16, 32, 256)),
+                   budget_mib=4, n_step=512, n_limit=2048, case_seconds=1, interpreter_shape=Shape(16, 32, 256)),
 }
 
 
@@ -164,10 +166,14 @@ def run_mode(forward, op: str, inputs: Inputs, mode: str):
     return None
 
 
-def time_mode(forward, op: str, inputs: Inputs, mode: str, reps: int, warmup: int, device: torch.device):
-    """Wall times in ms of ``reps`` runs after ``warmup`` runs; only the backward is timed in backward mode."""
+def time_mode(forward, op: str, inputs: Inputs, mode: str, sweep: "Sweep", device: torch.device):
+    """Wall times in ms of up to ``sweep.reps`` runs after ``sweep.warmup`` runs; only the backward is timed in
+    backward mode. Slow cases stop early, after at least MIN_REPS timed runs, once ``sweep.case_seconds`` are spent."""
     times = []
-    for rep in range(warmup + reps):
+    deadline = time.perf_counter() + sweep.case_seconds
+    for rep in range(sweep.warmup + sweep.reps):
+        if len(times) >= MIN_REPS and time.perf_counter() > deadline:
+            break
         inputs.zero_grad()
         outputs = forward() if mode == "backward" else None
         synchronize(device)
@@ -179,7 +185,7 @@ def time_mode(forward, op: str, inputs: Inputs, mode: str, reps: int, warmup: in
         synchronize(device)
         elapsed = (time.perf_counter() - start) * 1e3
         del outputs
-        if rep >= warmup:
+        if rep >= sweep.warmup:
             times.append(elapsed)
     inputs.zero_grad()
     return times
@@ -248,7 +254,7 @@ class Runner:
     def measure(self, implementation: str, op: str, mode: str, shape: Shape, forward, inputs: Inputs,
                 flop_count: int, note: Optional[str]) -> None:
         try:
-            times = time_mode(forward, op, inputs, mode, self.sweep.reps, self.sweep.warmup, self.device)
+            times = time_mode(forward, op, inputs, mode, self.sweep, self.device)
             peak = peak_memory_mib(forward, op, inputs, mode, self.meter)
         except torch.cuda.OutOfMemoryError:
             row = self.row(implementation, op, mode, shape, status="oom", note="out of device memory")
@@ -258,7 +264,7 @@ class Runner:
         else:
             stats = quantiles(times)
             notes = [text for text in (note, self.meter.unavailable) if text]
-            row = self.row(implementation, op, mode, shape, **stats, peak_mem_mib=peak,
+            row = self.row(implementation, op, mode, shape, **stats, reps=len(times), peak_mem_mib=peak,
                            tflops=flops.tflops(flop_count, stats["median_ms"]), note="; ".join(notes) or None)
         inputs.zero_grad()
         self.log(row)
@@ -426,7 +432,8 @@ def markdown(rows: List[Dict[str, object]], chosen: List[Implementation], sweep:
         f"# papo-kernels benchmarks: {first['device']}",
         "",
         f"Run of {first['date']}, papo_kernels {first['version']}, git {first['git_sha']}, dtype {first['dtype']}, "
-        f"{sweep.reps} timed runs after {sweep.warmup} warm-up per case. Command: `{command}`.",
+        f"up to {sweep.reps} timed runs per case after {sweep.warmup} warm-up (a case stops after {sweep.case_seconds:g} s "
+        f"once it has {min(MIN_REPS, sweep.reps)}; the CSV's reps column has the count). Command: `{command}`.",
         "",
         "Times are wall-clock medians [20%, 80%]; TFLOP/s count only the LM-head matrix products "
         "(2NDV forward, 4NDV backward per pass, see benchmarks/flops.py); '% mm' is that rate over the rate of "

@@ -1,12 +1,14 @@
 """The benchmark harness runs end to end on tiny CPU shapes, so it never rots, and counts FLOPs right."""
 
 import csv
+import importlib.util
 
 import pytest
+import torch
 
 import papo_kernels
 from benchmarks import flops, run
-from benchmarks.implementations import MODES, OPS
+from benchmarks.implementations import MODES, OPS, Shape, backward, implementations, make_inputs
 
 STATUSES = {"ok", "skipped", "error", "oom", "over_budget"}
 
@@ -20,6 +22,36 @@ def test_flop_floor_of_the_qwen_3b_head():
     assert flops.lm_head_flops("papo_loss", "full", n, d, v) == 6 * one_pass_forward
     assert flops.matmul_flops(n, d, v) == one_pass_forward
     assert flops.tflops(one_pass_forward, 1000.0) == pytest.approx(1.274531545088)
+
+
+# Cut Cross-Entropy's kernels fail under Triton's interpreter (InterpreterError): it runs on CUDA only.
+CPU_IMPLEMENTATIONS = [impl for impl in implementations() if impl.name != "cut_cross_entropy"]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS, ids=lambda impl: impl.name)
+def test_every_implementation_computes_the_same_outputs_and_gradients(impl, op):
+    """The comparison is fair only if every peer computes what the package computes."""
+    if impl.module is not None and importlib.util.find_spec(impl.module) is None:
+        pytest.skip(f"{impl.module} not installed")
+    inputs = make_inputs(Shape(16, 32, 256), torch.float32, torch.device("cpu"))
+
+    def outputs_and_gradients(build):
+        outputs = build(op, inputs)()
+        backward(op, inputs, outputs)
+        gradients = [leaf.grad for leaf in inputs.leaves()]
+        inputs.zero_grad()
+        return [out.detach() for out in outputs], gradients
+
+    reference = next(impl for impl in implementations() if impl.name == "papo_kernels.reference")
+    expected = outputs_and_gradients(reference.build)
+    got = outputs_and_gradients(impl.build)
+    for name, want, have in zip(("output", "gradient"), expected, got):
+        for index, (a, b) in enumerate(zip(want, have)):
+            if a is None or b is None:
+                assert a is None and b is None, f"{name} {index}: one of them is None"
+                continue
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {index}: {m}")
 
 
 @pytest.fixture(scope="module")
