@@ -103,11 +103,17 @@ def mrope_positions(model, prompt: Inputs, completion_length: int) -> Tensor:
 @torch.no_grad()
 def generate(model, prompt: Inputs, *, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
              suppress_ids: Sequence[int], eos_ids: Sequence[int], pad_id: int) -> Tensor:
-    """``(N, T)`` generated ids after the prompts (T <= max_new_tokens)."""
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None) if do_sample \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    """``(N, T)`` generated ids after the prompts (T <= max_new_tokens).
+
+    Sampling draws from softmax(logits / temperature) over the unsuppressed tokens (top_p
+    aside); top_k and the repetition penalty that a model's generation config may set are
+    turned off, since the loss scores responses under exactly that distribution.
+    """
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample \
+        else dict(do_sample=False, temperature=None, top_p=None)
     output = model.generate(**prompt, max_new_tokens=max_new_tokens, suppress_tokens=list(suppress_ids),
-                            eos_token_id=list(eos_ids), pad_token_id=pad_id, **sampling)
+                            eos_token_id=list(eos_ids), pad_token_id=pad_id, top_k=None, repetition_penalty=1.0,
+                            **sampling)
     return output[:, prompt["input_ids"].shape[1]:]
 
 
