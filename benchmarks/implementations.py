@@ -279,8 +279,8 @@ def implementations() -> List[Implementation]:
     peers = [
         Implementation(
             name="naive_torch",
-            computes="all three ops as users write them: bf16 logits = h @ W.T, .float(), log_softmax, gather, "
-                     "entropy, KL; materialises several N x V tensors per pass",
+            computes="all three ops as users write them: logits = h @ W.T in the input dtype, .float(), "
+                     "log_softmax, gather, entropy, KL; materialises several N x V tensors per pass",
             build=build_naive,
         ),
         Implementation(

@@ -514,7 +514,7 @@ def plot(rows: List[Dict[str, object]], sweep: Sweep, device: torch.device, path
     figure, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
     label = "CPU" if device.type == "cpu" else "GPU"
     names = list(dict.fromkeys(row["implementation"] for row in rows))
-    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    styles = {name: dict(color=plt.cm.tab10(i % 10), marker="osD^vx*+"[i % 8]) for i, name in enumerate(names)}
     for (head, d, v, op), (time_axis, memory_axis) in zip(panels, axes):
         selected = [row for row in rows if row["case"] == "sweep" and row["op"] == op and row["mode"] == "full"
                     and (row["D"], row["V"]) == (d, v) and row["status"] == "ok"]
@@ -522,8 +522,8 @@ def plot(rows: List[Dict[str, object]], sweep: Sweep, device: torch.device, path
             points = sorted((row["N"], row["median_ms"], row["peak_mem_mib"]) for row in selected
                             if row["implementation"] == name)
             ns = [p[0] for p in points]
-            time_axis.plot(ns, [p[1] for p in points], marker="o", label=name, color=colours[name])
-            memory_axis.plot(ns, [p[2] for p in points], marker="o", label=name, color=colours[name])
+            time_axis.plot(ns, [p[1] for p in points], label=name, **styles[name])
+            memory_axis.plot(ns, [p[2] for p in points], label=name, **styles[name])
         time_axis.set_yscale("log")
         memory_axis.set_yscale("symlog", linthresh=1.0)  # a peak of 0 MiB stays on the plot
         for axis, what in ((time_axis, "median time (ms)"), (memory_axis, "peak memory above inputs (MiB)")):
@@ -536,7 +536,7 @@ def plot(rows: List[Dict[str, object]], sweep: Sweep, device: torch.device, path
             time_axis.legend(fontsize=7)
     first = rows[0]
     figure.suptitle(f"{first['device']}, {first['date']}, git {first['git_sha'][:12]}, {first['dtype']}", fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / len(panels)))
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.12 / len(panels)))  # room for the title
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -2,13 +2,23 @@
 
 import csv
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import papo_kernels
-from benchmarks import flops, run
-from benchmarks.implementations import MODES, OPS, Shape, backward, implementations, make_inputs
+
+# benchmarks/ sits beside tests/ and is not installed: bare `pytest tests/` does not put the repository
+# root on sys.path (`python -m pytest` does). Not needed once pytest's `pythonpath = ["."]` is configured.
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from benchmarks import flops, run  # noqa: E402
+from benchmarks.implementations import MODES, OPS, Shape, backward, implementations, make_inputs  # noqa: E402
 
 STATUSES = {"ok", "skipped", "error", "oom", "over_budget"}
 
@@ -56,8 +66,12 @@ def test_every_implementation_computes_the_same_outputs_and_gradients(impl, op):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """The CI run, in its own process: the runner sets torch's thread count and glibc's malloc options."""
     out = tmp_path_factory.mktemp("bench")
-    csv_path = run.main(["--cpu", "--quick", "--out", str(out)])
+    command = [sys.executable, "-m", "benchmarks.run", "--cpu", "--quick", "--out", str(out)]
+    finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    (csv_path,) = out.glob("*.csv")
     with csv_path.open() as handle:
         rows = list(csv.DictReader(handle))
     return csv_path, rows
