@@ -89,8 +89,8 @@ SWEEPS = {
                  n_limit=262144, case_seconds=15),
     "cpu": Sweep(dtype=torch.float32, heads={"cpu-small": (256, 4096)}, ns=(128, 256, 512, 1024), reps=5, warmup=1,
                  budget_mib=128, n_step=512, n_limit=4096, case_seconds=5, interpreter_shape=Shape(16, 32, 256)),
-    "quick": Sweep(dtype=torch.float32, heads={"cpu-tiny": (32, 256)}, ns=(16, 64), reps=2, warmup=1,
-                   budget_mib=4, n_step=512, n_limit=2048, case_seconds=1, interpreter_shape=Shape(16, 32, 256)),
+    "quick": Sweep(dtype=torch.float32, heads={"cpu-tiny": (16, 128)}, ns=(8, 32), reps=2, warmup=0,
+                   budget_mib=2, n_step=512, n_limit=2048, case_seconds=1, interpreter_shape=Shape(8, 16, 128)),
 }
 
 
