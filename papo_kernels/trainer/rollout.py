@@ -20,7 +20,7 @@ Inputs = Dict[str, Tensor]
 
 @dataclass
 class Rollout:
-    """G responses for each of B prompts, grouped: responses g * ... of prompt p sit at rows p * G + g."""
+    """G responses for each of B prompts, N = B * G rows: response g of prompt p is row p * G + g."""
     prompt: Inputs  # processor outputs of the clean prompts, one row per response
     masked_pixel_values: Tensor  # pixel_values of the masked images, blocks in the order of prompt's
     completion_ids: Tensor  # (N, T), padding where completion_mask is 0
