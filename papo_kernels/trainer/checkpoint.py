@@ -53,5 +53,6 @@ def load_checkpoint(output_dir) -> Dict[str, Any]:
     path = Path(output_dir) / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first")
-    # The file holds Python RNG state and the config besides tensors, so it cannot load with weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # The file holds Python RNG state and the config besides tensors, so it cannot load with weights_only;
+    # mmap reads tensors only when used, so reading just the config stays cheap.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
