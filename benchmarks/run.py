@@ -166,7 +166,7 @@ def run_mode(forward, op: str, inputs: Inputs, mode: str):
     return None
 
 
-def time_mode(forward, op: str, inputs: Inputs, mode: str, sweep: "Sweep", device: torch.device):
+def time_mode(forward, op: str, inputs: Inputs, mode: str, sweep: Sweep, device: torch.device):
     """Wall times in ms of up to ``sweep.reps`` runs after ``sweep.warmup`` runs; only the backward is timed in
     backward mode. Slow cases stop early, after at least MIN_REPS timed runs, once ``sweep.case_seconds`` are spent."""
     times = []
@@ -224,14 +224,38 @@ def quantiles(times: Sequence[float]) -> Dict[str, float]:
     return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
 
 
+class CsvFile:
+    """The results file, written row by row so that an interrupted run keeps what it measured."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle = path.open("w", newline="")
+        self.writer = csv.DictWriter(self.handle, fieldnames=COLUMNS)
+        self.writer.writeheader()
+
+    @staticmethod
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return f"{value:.6g}" if isinstance(value, float) else value
+
+    def write(self, row: Dict[str, object]) -> None:
+        self.writer.writerow({column: self.cell(row[column]) for column in COLUMNS})
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 class Runner:
     """Runs the cases of one sweep and collects the rows."""
 
     def __init__(self, sweep: Sweep, device: torch.device, chosen: List[Implementation], ops, modes, max_n: bool,
-                 context: Dict[str, str]):
+                 context: Dict[str, str], csv_file: CsvFile):
         self.sweep, self.device, self.chosen, self.ops, self.modes = sweep, device, chosen, ops, modes
         self.max_n = max_n
         self.context = context
+        self.csv_file = csv_file
         self.meter = PeakMemory(device)
         self.rows: List[Dict[str, object]] = []
 
@@ -243,6 +267,7 @@ class Runner:
             row.update(N=shape.n, D=shape.d, V=shape.v)
         row.update(values)
         self.rows.append(row)
+        self.csv_file.write(row)
         return row
 
     def log(self, row: Dict[str, object]) -> None:
@@ -405,19 +430,6 @@ def git_sha() -> str:
 
 
 # Output files.
-
-def write_csv(rows: List[Dict[str, object]], path: Path) -> None:
-    def cell(value):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        return f"{value:.6g}" if isinstance(value, float) else value
-
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({column: cell(row[column]) for column in COLUMNS})
-
 
 def _number(value, digits: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -619,11 +631,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     context = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "version": papo_kernels.__version__, "git_sha": git_sha()}
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
-    rows = Runner(sweep, device, chosen, args.ops, args.modes, not args.no_max_n, context).run()
-
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / device_slug(device, name)
-    write_csv(rows, stem.with_suffix(".csv"))
+    csv_file = CsvFile(stem.with_suffix(".csv"))
+    try:
+        rows = Runner(sweep, device, chosen, args.ops, args.modes, not args.no_max_n, context, csv_file).run()
+    finally:
+        csv_file.close()
     stem.with_suffix(".md").write_text(markdown(rows, chosen, sweep, device, command))
     plot(rows, sweep, device, stem.with_suffix(".png"))
     print(f"wrote {stem}.csv, .md and .png", file=sys.stderr)
