@@ -260,7 +260,7 @@ class Implementation:
 
 PACKAGE_DESCRIPTIONS = {
     "reference": "all three ops, exact; materialises the fp32 N x V logits of each pass (the package's reference)",
-    "torch": "all three ops, exact; chunked plain PyTorch, never the full N x V logits",
+    "torch": "all three ops, exact; chunked plain PyTorch with bounded temporaries, never the N x V logits",
     "triton": "all three ops, exact; fused Triton kernels recomputing logits tile by tile",
 }
 
