@@ -10,12 +10,14 @@ import torch
 from ddp_worker import one_update
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+REPOSITORY = Path(__file__).parents[2]
 
 
 def launch(command, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True,
-                               timeout=170)
+    # The workers import this checkout's package, whatever is installed.
+    path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    completed = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=170)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return torch.load(tmp_path / "result.pt", weights_only=False)
 
