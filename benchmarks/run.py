@@ -273,7 +273,7 @@ class Runner:
     def log(self, row: Dict[str, object]) -> None:
         median = row["median_ms"]
         timing = f"{median:9.3f} ms" if median is not None else f"{row['status']:>12}"
-        print(f"  {row['implementation']:<28} {row['op']:<14} {row['mode']:<9} N={row['N']!s:<6} {timing}  "
+        print(f"  {row['implementation']:<28} {row['op']:<14} {row['mode']:<9} N={row['N'] or '-'!s:<6} {timing}  "
               f"{row['note'] or ''}", file=sys.stderr, flush=True)
 
     def measure(self, implementation: str, op: str, mode: str, shape: Shape, forward, inputs: Inputs,
