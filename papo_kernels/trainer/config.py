@@ -7,6 +7,7 @@ fields ``gamma``, ``beta``, ``eta_clean``, ``eta_masked``, ``epsilon_low``,
 """
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -16,6 +17,13 @@ import yaml
 from ..loss import PERCEPTION_KL_ESTIMATORS, PRESETS
 from .data import SYNTHETIC_TASKS
 from .rewards import ANSWER_FORMATS
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads ``3e-4`` as a number, as YAML 1.2 does (YAML 1.1 makes it a string)."""
+
+
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                    list("-+0123456789."))
 
 MASK_TARGETS = ("image", "pixel_values")
 GAMMA_SCHEDULES = ("fixed", "linear")
@@ -166,7 +174,7 @@ class TrainerConfig:
         if not path.is_file():
             raise FileNotFoundError(f"--config: no such YAML file: {path}")
         with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle)
+            values = yaml.load(handle, Loader=_ConfigLoader)
         if values is None:
             values = {}
         if not isinstance(values, dict):

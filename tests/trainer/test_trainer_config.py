@@ -34,10 +34,12 @@ def test_trainer_scales_gamma_and_both_entropies(small_trainer):
 
 def test_yaml_round_trip(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("preset: grpo\nsteps: 7\ntasks: [color, count]\nmask_target: pixel_values\n")
+    path.write_text("preset: grpo\nsteps: 7\ntasks: [color, count]\nmask_target: pixel_values\n"
+                    "learning_rate: 3e-4\ngamma: 2.5E-2\n")
     config = TrainerConfig.from_yaml(path).validate()
     assert (config.preset, config.steps, config.tasks, config.mask_target) == ("grpo", 7, ["color", "count"],
                                                                               "pixel_values")
+    assert (config.learning_rate, config.gamma) == (3e-4, 0.025), "exponent floats without a dot are numbers"
 
 
 @pytest.mark.parametrize("field, value, message", [
