@@ -11,15 +11,10 @@ import torch
 
 import papo_kernels
 
-# benchmarks/ sits beside tests/ and is not installed: bare `pytest tests/` does not put the repository
-# root on sys.path (`python -m pytest` does). Not needed once pytest's `pythonpath = ["."]` is configured.
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+from benchmarks import flops, run
+from benchmarks.implementations import MODES, OPS, Shape, backward, implementations, make_inputs
 
-from benchmarks import flops, run  # noqa: E402
-from benchmarks.implementations import MODES, OPS, Shape, backward, implementations, make_inputs  # noqa: E402
-
+REPO_ROOT = Path(__file__).resolve().parents[1]
 STATUSES = {"ok", "skipped", "error", "oom", "over_budget"}
 
 
