@@ -195,3 +195,13 @@ def test_empty_batch(backend):
     inputs = make_inputs(0, 30, 16, bias=True)
     grads = CHECKS[backend]("perception_kl", inputs, 1.0, upstream_gradients(0, "perception_kl", PAIRED_OUTPUTS))
     assert grads["weight"].shape == (30, 16) and not grads["weight"].any()
+
+
+def test_auto_on_cuda_sends_float64_to_the_torch_backend():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    inputs = cast(make_inputs(5, 40, 16, bias=False), torch.float64, torch.device("cuda"))
+    got = papo_kernels.linear_logprobs(inputs["hidden"], inputs["weight"], inputs["tokens"], backend="auto")
+    want = papo_kernels.linear_logprobs(inputs["hidden"], inputs["weight"], inputs["tokens"], backend="reference")
+    for name, a, e in zip(("logprobs", "entropy"), got, want):
+        assert_close(name, a.cpu(), e.cpu(), rtol=F64_RTOL, atol=F64_ATOL)

@@ -8,7 +8,7 @@ see ``reference.py`` for the semantics.
 - ``reference``: materialises the logits; the one copy tests compare against.
 - ``torch``: chunked plain PyTorch with bounded temporaries; runs anywhere.
 - ``triton``: fused Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
-- ``auto``: ``triton`` for CUDA tensors when Triton imports, ``torch`` elsewhere.
+- ``auto``: ``triton`` for CUDA tensors when Triton imports (``torch`` for float64 ones), ``torch`` elsewhere.
 
 Triton is imported only when the ``triton`` backend is asked for, never at package import.
 """
@@ -56,12 +56,31 @@ def _triton_backend() -> SimpleNamespace:
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _auto_cuda_backend() -> SimpleNamespace:
+    """``auto`` on CUDA: the triton kernels, and the torch backend for float64, which they do not compute."""
+    from ._triton_utils import SUPPORTED_DTYPES
+
+    triton_backend = _triton_backend()
+
+    def pick(hidden: torch.Tensor):
+        return triton_backend if hidden.dtype in SUPPORTED_DTYPES else torch_chunked
+
+    def linear_logprobs(hidden, *args):
+        return pick(hidden).linear_logprobs(hidden, *args)
+
+    def linear_perception_kl(hidden, *args):
+        return pick(hidden).linear_perception_kl(hidden, *args)
+
+    return SimpleNamespace(linear_logprobs=linear_logprobs, linear_perception_kl=linear_perception_kl)
+
+
 def resolve_backend(name: str, device: torch.device) -> Union[ModuleType, SimpleNamespace]:
     """The backend for ``name``; ``auto`` picks the best one available on ``device``."""
     check_choice("backend", name, BACKENDS)
     device = torch.device(device)
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_importable() else "torch"
+        return _auto_cuda_backend() if device.type == "cuda" and _triton_importable() else torch_chunked
     if name != "triton":
         return _MODULES[name]
     if not _triton_importable():

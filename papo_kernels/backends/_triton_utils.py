@@ -50,14 +50,16 @@ def _cuda_config(device_index: int) -> BlockConfig:
 def dot_precisions(dtype: torch.dtype):
     """(logits, gradients) input precisions of tl.dot.
 
-    Logits: float32 inputs use exact fp32 products ("ieee"), not tf32, so that they are as
-    accurate as torch's float32 matmul; half inputs multiply exactly in their own dtype.
-    Gradients: dz is float32; half operand tiles are upcast, and their values are exact in
-    tf32, so "tf32" rounds only dz (to 11 significant bits, against 8 for a bf16 cast).
+    float32 inputs: exact fp32 products ("ieee"), not tf32, so that logits and gradients are
+    as accurate as torch's float32 matmul (whose default is not tf32).
+    Half inputs: logit tiles multiply in their own dtype (the precision setting applies to
+    fp32 operands only). Gradients: dz is float32 and the half operand tiles are upcast; their
+    values are exact in tf32, so "tf32" rounds only dz (to 11 significant bits, against 8 for
+    a bf16 cast of dz).
     """
     if dtype == torch.float32:
         return "ieee", "ieee"
-    return "ieee", "tf32"
+    return "tf32", "tf32"
 
 
 def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ def chunk_options(n: int, v: int, d: int, dtype: torch.dtype, temperature: float
     """Chunk sizes whose temporaries fit in ``temporary_bytes``."""
     itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
     vocab = min(v, _MAX_VOCAB_PER_CHUNK)
+    # (vocabulary x D) blocks (weight chunk, its gradient, a transient) take at most half the budget
     while vocab > 1 and 2 * _VOCAB_BY_DIM_BLOCKS * vocab * d * itemsize > temporary_bytes:
         vocab //= 2
     room = temporary_bytes - _VOCAB_BY_DIM_BLOCKS * vocab * d * itemsize
@@ -207,7 +208,6 @@ def backward_gradients(saved, grads, needs_input_grad, options: ChunkOptions):
     flags for (hidden, hidden_masked, weight, bias).
     """
     hidden, hidden_masked, weight, bias, tokens, lse, lse_masked, entropy, entropy_masked, kl = saved
-    logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad = grads
     needs_hidden, needs_hidden_masked, needs_weight, needs_bias = needs_input_grad
     plan = GradientPlan.make(grads, needs_hidden, needs_hidden_masked, needs_weight or needs_bias)
     n, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
@@ -239,14 +239,14 @@ def backward_gradients(saved, grads, needs_input_grad, options: ChunkOptions):
                     log_q = _logits(hidden_masked_rows, weight_chunk, bias_chunk, options.temperature)
                     log_q.sub_(lse_masked[rows, None])
                     q = log_q.exp()
-                row_grad = _row_grads(rows, logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad)
+                g_l, g_l_masked, g_h, g_h_masked, g_kl = (None if g is None else g[rows] for g in grads)
                 passes = []
                 if plan.clean_dz:
-                    dz = _clean_dz(log_p, p, log_q, tokens[rows], start, row_grad[0], row_grad[2], row_grad[4],
-                                   entropy[rows], None if kl is None else kl[rows])
+                    dz = _clean_dz(log_p, p, log_q, tokens[rows], start, g_l, g_h, g_kl, entropy[rows],
+                                   None if kl is None else kl[rows])
                     passes.append((dz.div_(options.temperature), hidden_rows, grad_hidden))
                 if plan.masked_dz:
-                    dz = _masked_dz(log_q, q, p, tokens[rows], start, row_grad[1], row_grad[3], row_grad[4],
+                    dz = _masked_dz(log_q, q, p, tokens[rows], start, g_l_masked, g_h_masked, g_kl,
                                     entropy_masked[rows])
                     passes.append((dz.div_(options.temperature), hidden_masked_rows, grad_hidden_masked))
                 # dh = dz W / tau, dW += dz^T h / tau, db += sum_rows dz / tau (dz already divided by tau)
@@ -266,10 +266,6 @@ def backward_gradients(saved, grads, needs_input_grad, options: ChunkOptions):
         return None if grad is None else grad.to(hidden.dtype)
 
     return in_input_dtype(grad_hidden), in_input_dtype(grad_hidden_masked), grad_weight, grad_bias
-
-
-def _row_grads(rows: slice, *grads: Optional[Tensor]):
-    return tuple(None if g is None else g[rows] for g in grads)
 
 
 class ChunkedLinearLogprobsFunction(torch.autograd.Function):
