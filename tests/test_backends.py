@@ -205,3 +205,11 @@ def test_auto_on_cuda_sends_float64_to_the_torch_backend():
     want = papo_kernels.linear_logprobs(inputs["hidden"], inputs["weight"], inputs["tokens"], backend="reference")
     for name, a, e in zip(("logprobs", "entropy"), got, want):
         assert_close(name, a.cpu(), e.cpu(), rtol=F64_RTOL, atol=F64_ATOL)
+
+
+def test_triton_interpreter_rejects_bfloat16_with_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs only without a CUDA device")
+    inputs = cast(make_inputs(4, 40, 16, bias=False), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"TRITON_INTERPRET=1.*bfloat16.*backend='torch'"):
+        papo_kernels.linear_logprobs(inputs["hidden"], inputs["weight"], inputs["tokens"], backend="triton")

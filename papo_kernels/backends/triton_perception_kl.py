@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from triton import knobs
 
 from ._triton_utils import SUPPORTED_DTYPES, absorb_tile, block_config, dot_precisions, grown, last_dim_contiguous
 from ._triton_utils import logit_tiles
@@ -317,6 +318,12 @@ def check_triton_dtype(hidden: Tensor) -> None:
         raise ValueError(
             f"backend='triton' computes in float16, bfloat16 or float32, got hidden of dtype {hidden.dtype}; "
             f"use backend='torch' (chunked) or 'reference' for float64"
+        )
+    if hidden.dtype == torch.bfloat16 and knobs.runtime.interpret:
+        raise ValueError(
+            "backend='triton' under TRITON_INTERPRET=1 computes in float16 or float32, got hidden of dtype "
+            "torch.bfloat16 (the interpreter multiplies bfloat16 bit patterns as integers); use backend='torch' "
+            "on the CPU, or a CUDA device"
         )
 
 
