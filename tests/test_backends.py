@@ -111,10 +111,11 @@ def test_logprobs_op_matches_the_clean_half_of_the_paired_op(backend):
     names = ("logprobs", "entropy")
     single, single_grads = run_op(backend, "logprobs", inputs, 0.9, upstream_gradients(n, "logprobs", names))
     paired, paired_grads = run_op(backend, "perception_kl", inputs, 0.9, upstream_gradients(n, "perception_kl", names))
+    # the same operations on the same data; compiled code may still contract them differently
     for name in names:
-        assert torch.equal(single[name], paired[name]), name
+        assert_close(name, single[name], paired[name], rtol=1e-6, atol=1e-6)
     for name in ("hidden", "weight", "bias"):
-        assert torch.equal(single_grads[name], paired_grads[name]), name
+        assert_close(f"grad of {name}", single_grads[name], paired_grads[name], rtol=1e-6, atol=1e-6)
     assert paired_grads["hidden_masked"] is None
 
 
