@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from papo_kernels import backends
+
 from backend_cases import OUTPUTS, assert_within_budget, cast, make_inputs, run_op, triton_device
 from backend_cases import upstream_gradients
 
@@ -117,14 +119,21 @@ def test_half_precision_backward_on_gpu_for_every_input(dtype):
 
 
 def test_triton_gpu_memory_has_no_logits():
-    """Forward and backward of both passes allocate about the gradients' size, far below the logits."""
+    """Forward and backward of both passes allocate the gradients (float32 buffers and their bf16
+    casts) and per-token vectors; the float32 logits of one pass would be 500 MiB."""
     require_cuda()
     n, v, d = 4096, 32003, 1024
     inputs = cast(make_inputs(n, v, d, bias=True, seed=16), torch.bfloat16, torch.device("cuda"))
+    leaves = [inputs[name].requires_grad_() for name in ("hidden", "hidden_masked", "weight", "bias")]
+    upstream = upstream_gradients(n, "perception_kl", OUTPUTS["perception_kl"])
+    upstream = [grad.to("cuda", torch.float32) for grad in upstream.values()]
+    module = backends.resolve_backend("triton", torch.device("cuda"))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
-    run_op("triton", "perception_kl", inputs, 1.0, upstream_gradients(n, "perception_kl", OUTPUTS["perception_kl"]))
+    outputs = module.linear_perception_kl(*leaves[:3], inputs["tokens"], leaves[3], 1.0)
+    torch.autograd.backward(outputs, upstream)
     growth = torch.cuda.max_memory_allocated() - start
-    float32_grads = 4 * (2 * n * d + v * d + v) * 2  # float32 buffers and their casts
-    assert growth < float32_grads + n * v * 4 // 16, f"peak grew by {growth / 2**20:.0f} MiB"
+    gradient_elements = 2 * n * d + v * d + v
+    allowed = gradient_elements * (4 + 2) + 64 * n * 4 + 2**20
+    assert growth < allowed, f"peak grew by {growth / 2**20:.0f} MiB, allowed {allowed / 2**20:.0f} MiB"
