@@ -214,3 +214,19 @@ def test_triton_interpreter_rejects_bfloat16_with_a_clear_error():
     inputs = cast(make_inputs(4, 40, 16, bias=False), torch.bfloat16)
     with pytest.raises(ValueError, match=r"TRITON_INTERPRET=1.*bfloat16.*backend='torch'"):
         papo_kernels.linear_logprobs(inputs["hidden"], inputs["weight"], inputs["tokens"], backend="triton")
+
+
+def test_auto_cuda_dispatch_sends_float64_to_torch_and_the_rest_to_triton():
+    """The dispatcher ``auto`` uses on CUDA, exercised on CPU tensors (triton interpreted there)."""
+    if torch.cuda.is_available():
+        pytest.skip("test_auto_on_cuda_sends_float64_to_the_torch_backend covers it on CUDA")
+    dispatch = backends._auto_cuda_backend()
+    inputs = make_inputs(5, 40, 16, bias=False)
+    args = (inputs["hidden"], inputs["weight"], inputs["tokens"], None, 1.0)
+    want = backends.reference.linear_logprobs(*args)
+    got = dispatch.linear_logprobs(*args)
+    assert got[0].dtype == torch.float64  # computed by the torch backend, not rejected by triton
+    assert_close("logprobs", got[0], want[0], rtol=F64_RTOL, atol=F64_ATOL)
+    args32 = (inputs["hidden"].float(), inputs["weight"].float(), inputs["tokens"], None, 1.0)
+    triton_module = backends.resolve_backend("triton", torch.device("cpu"))
+    assert torch.equal(dispatch.linear_logprobs(*args32)[0], triton_module.linear_logprobs(*args32)[0])
