@@ -11,11 +11,23 @@ from trainer_helpers import small_config
 COMPARED = ("reward", "accuracy", "response_length", "policy_loss", "perception_kl", "entropy", "grad_norm", "loss")
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = Trainer(small_config(tmp_path / "straight", steps=4, save_every=2))
     straight_records = straight.train()
 
-    Trainer(small_config(tmp_path / "split", steps=2)).train()
+    # The same run, killed when step 2 starts (after the checkpoint of steps 0-1), then resumed.
+    interrupted = Trainer(small_config(tmp_path / "split", steps=4, save_every=2))
+    run_step = Trainer.train_step
+
+    def killed_at_step_2(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return run_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    monkeypatch.undo()
     resumed = Trainer(small_config(tmp_path / "split", steps=4), resume=True)
     assert resumed.start_step == 2
     resumed_records = resumed.train()
