@@ -60,7 +60,7 @@ def backend_functions(backend: str, temporary_bytes: int = SMALL_TEMPORARY_BYTES
     if backend == "torch":
         return (functools.partial(torch_chunked.linear_logprobs, temporary_bytes=temporary_bytes),
                 functools.partial(torch_chunked.linear_perception_kl, temporary_bytes=temporary_bytes))
-    module = resolve_backend(backend, triton_device())
+    module = resolve_backend(backend, triton_device(), torch.float32)
     return module.linear_logprobs, module.linear_perception_kl
 
 

@@ -140,20 +140,20 @@ def test_backward_plan_does_only_the_work_asked_for():
 
 def test_registry_lists_the_backends_and_auto_picks_torch_on_cpu():
     assert papo_kernels.BACKENDS == ("auto", "reference", "torch", "triton")
-    assert backends.resolve_backend("auto", torch.device("cpu")) is torch_chunked
+    assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32) is torch_chunked
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(backends, "_triton_interpreted", lambda: False)
     with pytest.raises(ValueError, match=r"backend='triton'.*CUDA tensors.*TRITON_INTERPRET=1.*got tensors on cpu"):
-        backends.resolve_backend("triton", torch.device("cpu"))
+        backends.resolve_backend("triton", torch.device("cpu"), torch.float32)
 
 
 def test_triton_without_triton_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(backends, "_triton_importable", lambda: False)
     with pytest.raises(ValueError, match=r"backend='triton' needs the triton package.*'torch'"):
-        backends.resolve_backend("triton", torch.device("cpu"))
-    assert backends.resolve_backend("auto", torch.device("cpu")) is torch_chunked
+        backends.resolve_backend("triton", torch.device("cpu"), torch.float32)
+    assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32) is torch_chunked
 
 
 def test_triton_rejects_float64_with_a_clear_error():
@@ -216,17 +216,9 @@ def test_triton_interpreter_rejects_bfloat16_with_a_clear_error():
         papo_kernels.linear_logprobs(inputs["hidden"], inputs["weight"], inputs["tokens"], backend="triton")
 
 
-def test_auto_cuda_dispatch_sends_float64_to_torch_and_the_rest_to_triton():
-    """The dispatcher ``auto`` uses on CUDA, exercised on CPU tensors (triton interpreted there)."""
-    if torch.cuda.is_available():
-        pytest.skip("test_auto_on_cuda_sends_float64_to_the_torch_backend covers it on CUDA")
-    dispatch = backends._auto_cuda_backend()
-    inputs = make_inputs(5, 40, 16, bias=False)
-    args = (inputs["hidden"], inputs["weight"], inputs["tokens"], None, 1.0)
-    want = backends.reference.linear_logprobs(*args)
-    got = dispatch.linear_logprobs(*args)
-    assert got[0].dtype == torch.float64  # computed by the torch backend, not rejected by triton
-    assert_close("logprobs", got[0], want[0], rtol=F64_RTOL, atol=F64_ATOL)
-    args32 = (inputs["hidden"].float(), inputs["weight"].float(), inputs["tokens"], None, 1.0)
-    triton_module = backends.resolve_backend("triton", torch.device("cpu"))
-    assert torch.equal(dispatch.linear_logprobs(*args32)[0], triton_module.linear_logprobs(*args32)[0])
+def test_auto_picks_triton_for_cuda_half_and_float32_and_torch_for_float64():
+    cuda = torch.device("cuda")
+    triton_backend = backends.resolve_backend("triton", torch.device("cpu"), torch.float32)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert backends.resolve_backend("auto", cuda, dtype) is triton_backend
+    assert backends.resolve_backend("auto", cuda, torch.float64) is torch_chunked

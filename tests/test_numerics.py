@@ -127,7 +127,7 @@ def test_triton_gpu_memory_has_no_logits():
     leaves = [inputs[name].requires_grad_() for name in ("hidden", "hidden_masked", "weight", "bias")]
     upstream = upstream_gradients(n, "perception_kl", OUTPUTS["perception_kl"])
     upstream = [grad.to("cuda", torch.float32) for grad in upstream.values()]
-    module = backends.resolve_backend("triton", torch.device("cuda"))
+    module = backends.resolve_backend("triton", torch.device("cuda"), torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()

@@ -27,6 +27,8 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 
 _MODULES = {"reference": reference, "torch": torch_chunked}
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 goes to the torch backend
+
 
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
@@ -56,31 +58,12 @@ def _triton_backend() -> SimpleNamespace:
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _auto_cuda_backend() -> SimpleNamespace:
-    """``auto`` on CUDA: the triton kernels, and the torch backend for float64, which they do not compute."""
-    from ._triton_utils import SUPPORTED_DTYPES
-
-    triton_backend = _triton_backend()
-
-    def pick(hidden: torch.Tensor):
-        return triton_backend if hidden.dtype in SUPPORTED_DTYPES else torch_chunked
-
-    def linear_logprobs(hidden, *args):
-        return pick(hidden).linear_logprobs(hidden, *args)
-
-    def linear_perception_kl(hidden, *args):
-        return pick(hidden).linear_perception_kl(hidden, *args)
-
-    return SimpleNamespace(linear_logprobs=linear_logprobs, linear_perception_kl=linear_perception_kl)
-
-
-def resolve_backend(name: str, device: torch.device) -> Union[ModuleType, SimpleNamespace]:
-    """The backend for ``name``; ``auto`` picks the best one available on ``device``."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Union[ModuleType, SimpleNamespace]:
+    """The backend for ``name``; ``auto`` picks the best one available for inputs of ``device`` and ``dtype``."""
     check_choice("backend", name, BACKENDS)
     device = torch.device(device)
     if name == "auto":
-        return _auto_cuda_backend() if device.type == "cuda" and _triton_importable() else torch_chunked
+        name = "triton" if device.type == "cuda" and dtype in TRITON_DTYPES and _triton_importable() else "torch"
     if name != "triton":
         return _MODULES[name]
     if not _triton_importable():

@@ -11,8 +11,6 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 @dataclass(frozen=True)
 class BlockConfig:

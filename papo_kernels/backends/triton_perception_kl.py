@@ -26,7 +26,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from triton import knobs
 
-from ._triton_utils import SUPPORTED_DTYPES, absorb_tile, block_config, dot_precisions, grown, last_dim_contiguous
+from . import TRITON_DTYPES
+from ._triton_utils import absorb_tile, block_config, dot_precisions, grown, last_dim_contiguous
 from ._triton_utils import logit_tiles
 from .torch_chunked import GradientPlan
 
@@ -314,7 +315,7 @@ class TritonLinearPerceptionKLFunction(torch.autograd.Function):
 
 
 def check_triton_dtype(hidden: Tensor) -> None:
-    if hidden.dtype not in SUPPORTED_DTYPES:
+    if hidden.dtype not in TRITON_DTYPES:
         raise ValueError(
             f"backend='triton' computes in float16, bfloat16 or float32, got hidden of dtype {hidden.dtype}; "
             f"use backend='torch' (chunked) or 'reference' for float64"

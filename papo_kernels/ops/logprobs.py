@@ -46,7 +46,7 @@ def linear_logprobs(
 
 def compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend) -> LinearLogprobs:
     """``linear_logprobs`` on inputs that have passed its checks."""
-    ops = resolve_backend(backend, hidden.device)
+    ops = resolve_backend(backend, hidden.device, hidden.dtype)
 
     batch_shape = tokens.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])

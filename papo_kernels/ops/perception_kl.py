@@ -53,7 +53,7 @@ def linear_perception_kl(
 
 def compute_linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, temperature, backend):
     """``linear_perception_kl`` on inputs that have passed its checks."""
-    ops = resolve_backend(backend, hidden.device)
+    ops = resolve_backend(backend, hidden.device, hidden.dtype)
 
     batch_shape = tokens.shape
     dim = hidden.shape[-1]
