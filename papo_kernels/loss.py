@@ -294,7 +294,11 @@ def papo_loss(
     perception = zero
     if use_papo:
         perception = exact_kl if perception_kl == "exact" else sampled_kl(logprobs, logprobs_masked, perception_kl)
-        per_token = per_token - gamma * perception + eta_clean * entropy_clean + eta_masked * entropy_masked
+        # A term joins the graph only with a nonzero coefficient: its output then gets no upstream
+        # gradient, and the fused backends skip its work (the masked pass, with gamma = eta_masked = 0).
+        for coefficient, term in ((-gamma, perception), (eta_clean, entropy_clean), (eta_masked, entropy_masked)):
+            if coefficient != 0:
+                per_token = per_token + coefficient * term
 
     loss = aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
 

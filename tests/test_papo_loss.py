@@ -162,6 +162,16 @@ def test_signs_perception_kl_is_maximised_and_entropies_minimised():
     assert float(after.entropy_masked.sum()) < float(before.entropy_masked.sum())
 
 
+def test_terms_with_zero_coefficients_send_no_gradient_to_the_masked_pass():
+    batch = make_batch()
+    hidden = batch["hidden"].clone().requires_grad_()
+    hidden_masked = batch["hidden_masked"].clone().requires_grad_()
+    loss, _ = papo_loss(hidden, batch["weight"], batch["completion_ids"], batch["completion_mask"],
+                        batch["advantages"], hidden_masked=hidden_masked, gamma=0.0, eta_clean=0.0, eta_masked=0.0)
+    loss.backward()
+    assert hidden_masked.grad is None and hidden.grad is not None
+
+
 def test_masked_logprobs_give_the_clean_gradient_of_hidden_masked_and_none_to_the_masked_pass():
     batch = make_batch()
     grads = {}
