@@ -1,6 +1,7 @@
-# Set-up and the main jobs in one place. Each target builds .venv on first use:
-# torch first (on a machine without torch, the local CPU wheel torch==$(TORCH_VERSION)),
-# then this package with its extras, pinned to that torch so no later step replaces it.
+# Set-up and the main jobs in one place; options reach train and bench through ARGS="...".
+# Each target builds .venv on first use: torch first (on a machine without torch, the local
+# CPU wheel torch==$(TORCH_VERSION)), then this package with its extras, pinned to that torch
+# so no later step replaces it.
 # Bring your own torch (a CUDA build, say): make test VENV_FLAGS=--system-site-packages
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ VENV_FLAGS ?=
 TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: train demo test bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -17,11 +18,18 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(BIN)/pip install -c $(VENV)/constraints.txt -e ".[test,train]"
 	touch $@
 
+train: $(VENV)/.installed
+	$(BIN)/papo-train $(ARGS)
+
 demo: $(VENV)/.installed
 	$(BIN)/python examples/quickstart.py
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest tests/ -q
+
+bench: $(VENV)/.installed
+	$(BIN)/pip install -c $(VENV)/constraints.txt -e ".[bench]"
+	$(BIN)/python -m benchmarks.run $(or $(ARGS),--cpu)
 
 clean:
 	rm -rf $(VENV)

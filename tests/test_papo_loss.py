@@ -241,7 +241,7 @@ def test_all_zero_mask_gives_a_finite_zero_loss(loss_type):
     loss, metrics = call({**batch, "hidden": hidden}, masked_input="hidden_masked", with_old=True, with_ref=True,
                          loss_type=loss_type)
     loss.backward()
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
     assert torch.isfinite(hidden.grad).all() and (hidden.grad == 0).all()
     assert all(torch.isfinite(m) for m in metrics.values())
 
