@@ -96,8 +96,8 @@ def aggregate(per_token: Tensor, mask: Tensor, loss_type: str, max_completion_le
 
 
 def _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked, masked_logprobs,
-                       old_logprobs, ref_logprobs, bias, temperature, epsilon_low, epsilon_high, dual_clip, beta,
-                       gamma, perception_kl, eta_clean, eta_masked, entropy, loss_type, max_completion_length,
+                       old_logprobs, ref_logprobs, bias, epsilon_low, epsilon_high, dual_clip, beta, gamma,
+                       perception_kl, eta_clean, eta_masked, entropy, loss_type, max_completion_length,
                        num_items_in_batch):
     check_float_tensor("hidden", hidden)
     if hidden.dim() != 3:
@@ -161,9 +161,6 @@ def _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantag
             check_same_device(hidden=hidden, num_items_in_batch=num_items_in_batch)
         else:
             check_number("num_items_in_batch", num_items_in_batch, low=0.0)
-    # Ids are checked only where the mask is on: padding may hold any id (-100, say).
-    return check_linear_inputs(hidden, weight, completion_ids.where(completion_mask != 0, 0), bias, temperature,
-                               hidden_masked=hidden_masked, tokens_name="completion_ids")
 
 
 def papo_loss(
@@ -246,15 +243,17 @@ def papo_loss(
         over the unmasked tokens: ``policy_loss``, ``clip_fraction_low``, ``clip_fraction_high``,
         ``perception_kl``, ``ref_kl``, ``entropy``, ``entropy_masked``, ``ratio_mean``.
     """
-    temperature = _check_papo_inputs(
+    _check_papo_inputs(
         hidden, weight, completion_ids, completion_mask, advantages, hidden_masked, masked_logprobs, old_logprobs,
-        ref_logprobs, bias, temperature, epsilon_low, epsilon_high, dual_clip, beta, gamma, perception_kl, eta_clean,
-        eta_masked, entropy, loss_type, max_completion_length, num_items_in_batch)
-
+        ref_logprobs, bias, epsilon_low, epsilon_high, dual_clip, beta, gamma, perception_kl, eta_clean, eta_masked,
+        entropy, loss_type, max_completion_length, num_items_in_batch)
     mask = completion_mask != 0
-    dtype = reference.compute_dtype(hidden.dtype)
-    # A safe token where the mask is off, so padding ids (-100, say) never reach the head.
+    # A safe token where the mask is off, so padding ids (-100, say) never reach the head; ids are
+    # checked only where the mask is on.
     tokens = completion_ids.where(mask, 0)
+    temperature = check_linear_inputs(hidden, weight, tokens, bias, temperature, hidden_masked=hidden_masked,
+                                      tokens_name="completion_ids")
+    dtype = reference.compute_dtype(hidden.dtype)
 
     def gradient_free(value: Optional[Tensor]) -> Optional[Tensor]:
         """Inputs that carry no gradient, zeroed where masked so a -inf or NaN there cannot leak."""
@@ -302,9 +301,10 @@ def papo_loss(
 
     loss = aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
 
+    token_count = mask.sum().clamp(min=1)
+
     def token_mean(value: Tensor) -> Tensor:
-        value = value.detach().to(dtype)
-        return torch.where(mask, value, 0.0).sum() / mask.sum().clamp(min=1)
+        return torch.where(mask, value.detach().to(dtype), 0.0).sum() / token_count
 
     metrics = {
         "policy_loss": token_mean(pg),
