@@ -19,6 +19,7 @@ from typing import List, Optional
 from .loss import PRESETS
 from .trainer.checkpoint import load_checkpoint
 from .trainer.config import TrainerConfig
+from .trainer.data import SYNTHETIC_TASKS
 from .trainer.loop import Trainer
 from .trainer.metrics_log import METRICS_NAME
 from .trainer.plotting import PLOT_NAME
@@ -35,7 +36,7 @@ HELP = {
     "model": "local Hugging Face folder of a Qwen2-VL or Qwen2.5-VL model (default: the offline tiny Qwen2-VL)",
     "data": "JSONL of {\"image\": path, \"question\": str, \"answer\": str} (default: synthetic shapes)",
     "preset": f"loss preset of papo_kernels.PRESETS: {', '.join(PRESETS)}",
-    "tasks": "synthetic tasks: color, count, position",
+    "tasks": f"synthetic tasks (papo_kernels/trainer/data.py describes each): {', '.join(SYNTHETIC_TASKS)}",
     "gamma": "perception-KL coefficient (overrides the preset; 0 turns PAPO into plain GRPO/DAPO)",
     "masked_gradient": "gradient through the masked pass (--no-masked-gradient: the authors' detached log-probs)",
     "mask_target": "blacken the raw 'image' or the processor's 'pixel_values' in Qwen2-VL patch order",

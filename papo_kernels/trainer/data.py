@@ -1,31 +1,62 @@
-"""Prompts with a verifiable answer: the built-in synthetic shapes task and JSONL data sets.
+"""Prompts with a verifiable answer: the built-in synthetic shapes tasks and JSONL data sets.
 
 An ``Example`` is one prompt: an RGB image, a question and the answer a reward can
-check. The synthetic task draws coloured squares on a black background and asks
-about their colour, their number or the side they are on, so the answer needs the
-image (a text-only policy is at chance).
+check. The synthetic tasks draw coloured squares on a black background:
+
+- ``color``: one square of 14-21 px, one of 4 colours drawn uniformly; "what color is the
+  square ?". A text-only policy is at chance (1/4).
+- ``count``: 1-4 squares, one per quadrant; "how many squares are there ?".
+- ``position``: one square in the left or right half; "is the square left or right ?"
+  (it does not learn at the tiny model's scale).
+- ``color_skewed``: ``color`` with a skewed answer prior: the square is ``MAJORITY_COLOR``
+  with probability ``MAJORITY_SHARE`` (0.7), each other colour with 0.1. A policy that
+  ignores the image and always answers the majority colour earns 0.7 accuracy; only
+  looking earns more (the text-only shortcut PAPO is meant to break).
+- ``color_small``: ``color`` with a small, dim target: a square of 4-7 px at
+  ``DIM_BRIGHTNESS`` (0.5) of the full colour, inside one cell of the 14 px grid
+  (``TARGET_CELL``, the vision patch and the default mask cell). PAPO's masked image
+  blackens each such cell with probability ``mask_probability``, so it hides the whole
+  target with exactly that probability and otherwise leaves it intact.
+- ``color_small_skewed``: the small, dim target with the skewed prior.
+- ``compare``: two squares in two different quadrants, the same colour with probability
+  1/2; "are the squares the same color ?", answer ``yes`` or ``no``.
 """
 
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 240), "yellow": (240, 220, 40)}
-SYNTHETIC_TASKS = ("color", "count", "position")
+MAJORITY_COLOR = "red"
+MAJORITY_SHARE = 0.7  # the frequency of MAJORITY_COLOR in the skewed tasks
+DIM_BRIGHTNESS = 0.5  # the small targets' colour, as a fraction of the full one
+TARGET_CELL = 14  # a small target lies inside one cell of this grid (the vision patch, the default mask cell)
+SMALL_SIDES = (4, 7)  # side range of a small target, pixels
+
+COLOR_QUESTION = "what color is the square ?"
 QUESTIONS = {
-    "color": "what color is the square ?",
+    "color": COLOR_QUESTION,
     "count": "how many squares are there ?",
     "position": "is the square left or right ?",
+    "color_skewed": COLOR_QUESTION,
+    "color_small": COLOR_QUESTION,
+    "color_small_skewed": COLOR_QUESTION,
+    "compare": "are the squares the same color ?",
 }
 ANSWER_WORDS = {
     "color": tuple(COLORS),
     "count": ("1", "2", "3", "4"),
     "position": ("left", "right"),
+    "color_skewed": tuple(COLORS),
+    "color_small": tuple(COLORS),
+    "color_small_skewed": tuple(COLORS),
+    "compare": ("yes", "no"),
 }
+SYNTHETIC_TASKS = tuple(QUESTIONS)
 
 
 @dataclass(frozen=True)
@@ -50,28 +81,101 @@ def _draw_square(draw: ImageDraw.ImageDraw, rng: random.Random, image_size: int,
     draw.rectangle([left, top, left + side - 1, top + side - 1], fill=color)
 
 
+def _quadrant_box(rng: random.Random, image_size: int, quadrant: int) -> Tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` of a square small enough to stay inside ``quadrant`` (0-3, row-major),
+    so squares in different quadrants never touch."""
+    half = image_size // 2
+    side = rng.randint(image_size // 8, half // 2)
+    left = (quadrant % 2) * half + rng.randint(0, half - side)
+    top = (quadrant // 2) * half + rng.randint(0, half - side)
+    return left, top, left + side - 1, top + side - 1
+
+
+def skewed_color(rng: random.Random) -> str:
+    """``MAJORITY_COLOR`` with probability ``MAJORITY_SHARE``, otherwise one of the other colours uniformly."""
+    if rng.random() < MAJORITY_SHARE:
+        return MAJORITY_COLOR
+    return rng.choice([color for color in COLORS if color != MAJORITY_COLOR])
+
+
+def small_target_box(rng: random.Random, image_size: int) -> Tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` (inclusive) of a small square inside one random ``TARGET_CELL`` cell."""
+    cells = image_size // TARGET_CELL
+    side = rng.randint(*SMALL_SIDES)
+    cell_x, cell_y = rng.randrange(cells), rng.randrange(cells)
+    left = cell_x * TARGET_CELL + rng.randint(0, TARGET_CELL - side)
+    top = cell_y * TARGET_CELL + rng.randint(0, TARGET_CELL - side)
+    return left, top, left + side - 1, top + side - 1
+
+
+def _dim(color: Tuple[int, int, int]) -> Tuple[int, ...]:
+    return tuple(round(DIM_BRIGHTNESS * channel) for channel in color)
+
+
+def _color(draw, rng, image_size) -> str:
+    answer = rng.choice(ANSWER_WORDS["color"])
+    _draw_square(draw, rng, image_size, COLORS[answer], (0, image_size))
+    return answer
+
+
+def _color_skewed(draw, rng, image_size) -> str:
+    answer = skewed_color(rng)
+    _draw_square(draw, rng, image_size, COLORS[answer], (0, image_size))
+    return answer
+
+
+def _small_target(draw, rng, image_size, answer: str) -> str:
+    draw.rectangle(small_target_box(rng, image_size), fill=_dim(COLORS[answer]))
+    return answer
+
+
+def _color_small(draw, rng, image_size) -> str:
+    return _small_target(draw, rng, image_size, rng.choice(ANSWER_WORDS["color"]))
+
+
+def _color_small_skewed(draw, rng, image_size) -> str:
+    return _small_target(draw, rng, image_size, skewed_color(rng))
+
+
+def _count(draw, rng, image_size) -> str:
+    count = rng.randint(1, 4)
+    for quadrant in rng.sample(range(4), count):
+        draw.rectangle(_quadrant_box(rng, image_size, quadrant), fill=COLORS[rng.choice(list(COLORS))])
+    return str(count)
+
+
+def _position(draw, rng, image_size) -> str:
+    answer = rng.choice(ANSWER_WORDS["position"])
+    half = image_size // 2
+    x_range = (0, half) if answer == "left" else (half, image_size)
+    _draw_square(draw, rng, image_size, COLORS[rng.choice(list(COLORS))], x_range)
+    return answer
+
+
+def _compare(draw, rng, image_size) -> str:
+    first = rng.choice(list(COLORS))
+    same = rng.random() < 0.5
+    second = first if same else rng.choice([color for color in COLORS if color != first])
+    for quadrant, color in zip(rng.sample(range(4), 2), (first, second)):
+        draw.rectangle(_quadrant_box(rng, image_size, quadrant), fill=COLORS[color])
+    return "yes" if same else "no"
+
+
+# Each draws the task's image content with ``rng`` and returns the answer.
+_DRAW: Dict[str, Callable[[ImageDraw.ImageDraw, random.Random, int], str]] = {
+    "color": _color, "count": _count, "position": _position, "color_skewed": _color_skewed,
+    "color_small": _color_small, "color_small_skewed": _color_small_skewed, "compare": _compare,
+}
+
+
 def synthetic_example(task: str, rng: random.Random, image_size: int) -> Example:
-    """One random prompt of ``task`` (``"color"``, ``"count"`` or ``"position"``)."""
+    """One random prompt of ``task`` (one of ``SYNTHETIC_TASKS``)."""
+    if task not in _DRAW:
+        raise ValueError(f"task: got {task!r}, expected one of {list(SYNTHETIC_TASKS)}")
+    if image_size < TARGET_CELL * 2:
+        raise ValueError(f"image_size: got {image_size}, expected at least {2 * TARGET_CELL} pixels")
     image = Image.new("RGB", (image_size, image_size), (0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    if task == "color":
-        answer = rng.choice(ANSWER_WORDS["color"])
-        _draw_square(draw, rng, image_size, COLORS[answer], (0, image_size))
-    elif task == "count":
-        count = rng.randint(1, 4)
-        answer = str(count)
-        # One square per quadrant, small enough to stay inside it, so squares never merge.
-        half = image_size // 2
-        for quadrant in rng.sample(range(4), count):
-            side = rng.randint(image_size // 8, half // 2)
-            left = (quadrant % 2) * half + rng.randint(0, half - side)
-            top = (quadrant // 2) * half + rng.randint(0, half - side)
-            draw.rectangle([left, top, left + side - 1, top + side - 1], fill=COLORS[rng.choice(list(COLORS))])
-    else:
-        answer = rng.choice(ANSWER_WORDS["position"])
-        half = image_size // 2
-        x_range = (0, half) if answer == "left" else (half, image_size)
-        _draw_square(draw, rng, image_size, COLORS[rng.choice(list(COLORS))], x_range)
+    answer = _DRAW[task](ImageDraw.Draw(image), rng, image_size)
     return Example(image=image, question=QUESTIONS[task], answer=answer)
 
 

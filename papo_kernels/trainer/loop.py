@@ -42,7 +42,7 @@ from .metrics_log import MetricsLog, read_metrics
 from .plotting import plot_metrics
 from .policy import (CompletionHiddenStates, clean_and_masked_inputs, head_tokens, response_logprobs,
                      sequence_inputs, vocabulary_index)
-from .rewards import score_response
+from .rewards import extract_answer, is_correct, score_response
 from .rollout import Rollout, encode_prompts, generate, masked_pixel_values, roll_out
 from .tiny_model import build_model, build_processor
 
@@ -312,21 +312,41 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Greedy accuracy on ``eval_prompts`` fixed prompts (images no training step draws, for the synthetic task;
-        a fixed sample of the file, for JSONL data)."""
+    def evaluate(self) -> Dict[str, float]:
+        """Greedy answers to ``eval_prompts`` fixed prompts (images no training step draws, for the synthetic tasks;
+        a fixed sample of the file, for JSONL data), on their clean images and on masked copies (the training mask
+        settings, one fixed mask per prompt).
+
+        ``eval_accuracy`` and ``eval_accuracy_masked``: the fraction answered right (their difference is the
+        policy's vision dependence); ``eval_junk`` and ``eval_junk_masked``: the fraction of responses whose answer
+        matches no answer that an evaluation prompt with the same question has (a question word, an unreadable or
+        empty response).
+        """
         config = self.config
         examples = self.dataset.batch(EVAL_STEP, config.eval_prompts)
-        prompt = {key: value.to(self.accelerator.device) for key, value in encode_prompts(self.processor,
-                                                                                          examples).items()}
+        prompt = encode_prompts(self.processor, examples)
+        mask_generator = torch.Generator().manual_seed(derived_seed(config.seed, "eval", "mask"))
+        masked = masked_pixel_values(self.processor, examples, prompt, config.mask_target, config.mask_cell,
+                                     config.mask_probability, mask_generator)
+        answers = {}  # question -> the answers the evaluation prompts with that question have
+        for example in examples:
+            answers.setdefault(example.question, set()).add(example.answer)
         self.model.eval()
-        completion_ids = generate(self.model, prompt, max_new_tokens=config.max_new_tokens, do_sample=False,
-                                  temperature=config.temperature, top_p=config.top_p, suppress_ids=self.suppress_ids,
-                                  eos_ids=self.eos_ids, pad_id=self.pad_id)
-        texts = self.processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        scores = [score_response(text, example.answer, config.answer_format, 1.0, 0.0)[1]
-                  for text, example in zip(texts, examples)]
-        return sum(scores) / len(scores)
+        metrics = {}
+        for suffix, pixel_values in (("", prompt["pixel_values"]), ("_masked", masked)):
+            inputs = {key: value.to(self.accelerator.device) for key, value in
+                      {**prompt, "pixel_values": pixel_values}.items()}
+            completion_ids = generate(self.model, inputs, max_new_tokens=config.max_new_tokens, do_sample=False,
+                                      temperature=config.temperature, top_p=config.top_p,
+                                      suppress_ids=self.suppress_ids, eos_ids=self.eos_ids, pad_id=self.pad_id)
+            texts = self.processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            predicted = [extract_answer(text, config.answer_format) for text in texts]
+            correct = [is_correct(answer, example.answer) for answer, example in zip(predicted, examples)]
+            junk = [not any(is_correct(answer, known) for known in answers[example.question])
+                    for answer, example in zip(predicted, examples)]
+            metrics["eval_accuracy" + suffix] = sum(correct) / len(correct)
+            metrics["eval_junk" + suffix] = sum(junk) / len(junk)
+        return metrics
 
     # The run.
 
@@ -340,7 +360,7 @@ class Trainer:
         for step in progress:
             record = self.train_step(step)
             if is_main and config.eval_every and (step % config.eval_every == 0 or step == config.steps - 1):
-                record["eval_accuracy"] = self.evaluate()
+                record.update(self.evaluate())
             if is_main:
                 self.metrics_log.write(record)
                 progress.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
