@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .data import Example
-from .masking import mask_image, mask_pixel_values, normalised_black, random_cell_mask
+from ..masking import mask_image, mask_pixel_values, normalised_black, random_cell_mask
 
 Inputs = Dict[str, Tensor]
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from papo_kernels.trainer.masking import (mask_image, mask_pixel_values, normalised_black, qwen2vl_patch_rows,
-                                          random_cell_mask)
+from papo_kernels.masking import (mask_image, mask_pixel_values, normalised_black, qwen2vl_patch_rows,
+                                  random_cell_mask)
 from papo_kernels.trainer.rollout import encode_prompts, masked_pixel_values, roll_out
 from papo_kernels.trainer.tiny_model import build_processor
 
