@@ -1,0 +1,166 @@
+"""``PAPOConfig``: TRL's ``GRPOConfig`` with the PAPO terms, the masked image and PAPO-D's defaults."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from trl import GRPOConfig
+
+from ..backends import BACKENDS
+from ..loss import ENTROPY_MODES, LOSS_TYPES, PERCEPTION_KL_ESTIMATORS, PRESETS
+
+MASK_TARGETS = ("image", "pixel_values")
+GAMMA_SCHEDULES = ("fixed", "linear")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# papo_loss keyword -> PAPOConfig field, for the presets (TRL's names for the GRPO settings).
+PRESET_FIELDS = {"epsilon_low": "epsilon", "epsilon_high": "epsilon_high", "dual_clip": "delta", "beta": "beta",
+                 "gamma": "gamma", "eta_clean": "eta_clean", "eta_masked": "eta_masked",
+                 "perception_kl": "perception_kl", "loss_type": "loss_type"}
+
+
+@dataclass
+class PAPOConfig(GRPOConfig):
+    r"""Configuration of ``PAPOTrainer``: ``GRPOConfig`` plus PAPO's perception and entropy terms.
+
+    The defaults are PAPO-D's published setting in full (arXiv 2507.06448), GRPO fields
+    included: ``epsilon=0.2``, ``epsilon_high=0.28``, ``delta=3.0`` (the dual clip), ``beta=0.0``,
+    ``loss_type="dapo"``, ``use_bias_correction_kl=False``, ``gamma=0.01``, ``eta_clean=eta_masked=0.03``, ``perception_kl="k3"``.
+    ``PAPOConfig.from_preset(name, **overrides)`` sets any of ``papo_kernels.PRESETS`` the same way
+    (``papo_g`` sets ``beta=0.01``, which loads a reference model).
+
+    The GRPO settings keep TRL's names: the clip range is ``epsilon`` / ``epsilon_high``, the
+    dual clip c is TRL's ``delta`` (``papo_loss(dual_clip=delta)``; the two are the same loss when
+    ``delta > 1 + epsilon_high``, which is required here), and ``loss_type`` is one of
+    ``grpo``, ``bnpo``, ``dapo``, ``dr_grpo``.
+
+    PAPO parameters:
+        gamma (`float`, defaults to `0.01`): coefficient of the perception KL between the policy on the
+            clean and on the masked image (maximised).
+        eta_clean, eta_masked (`float`, default `0.03`): coefficients of the entropies of the clean and
+            masked passes (minimised). With gamma = eta_clean = eta_masked = 0 no masked pass runs.
+        perception_kl (`str`, defaults to `"k3"`): `"k1"`, `"k2"`, `"k3"` or `"exact"` (full vocabulary).
+        entropy (`str`, defaults to `"exact"`): `"exact"` full-vocabulary entropies or `"sampled"` (-log p(y)).
+        masked_gradient (`bool`, defaults to `True`): gradient through the masked pass; `False` scores the
+            masked image once per rollout without gradient (the authors' default; not with `"exact"`).
+        mask_probability (`float`, defaults to `0.6`): chance that a cell of the image is blackened.
+        mask_cell (`int`, defaults to `14`): cell side in pixels; with `mask_target="pixel_values"` it must
+            be the vision patch size.
+        mask_target (`str`, defaults to `"image"`): blacken cells of the raw image and run the image
+            processor, or blacken patches of `pixel_values` (`"pixel_values"`, Qwen-VL patch order).
+        gamma_schedule (`str`, defaults to `"fixed"`): `"linear"` anneals gamma (and both eta alike) to
+            `gamma_final` over `gamma_anneal_fraction` of the training steps.
+        backend (`str`, defaults to `"auto"`): backend of `papo_loss` and `linear_logprobs`.
+    """
+
+    epsilon_high: Optional[float] = field(
+        default=0.28, metadata={"help": "Upper clip epsilon; PAPO-D (DAPO) uses 0.28, PAPO-G 0.3."})
+    delta: Optional[float] = field(
+        default=3.0, metadata={"help": "Dual clip c (TRL's two-sided clip): the loss of a negative-advantage token "
+                                       "is at most -c A. Must exceed 1 + epsilon_high; None is off."})
+    use_bias_correction_kl: bool = field(
+        default=False, metadata={"help": "TRL's reference KL times the ratio; not supported with beta != 0 (PAPO-G's "
+                                         "KL is the plain k3)."})
+    gamma: float = field(default=0.01, metadata={"help": "Coefficient of the perception KL (maximised)."})
+    eta_clean: float = field(default=0.03, metadata={"help": "Coefficient of the clean pass's entropy (minimised)."})
+    eta_masked: float = field(default=0.03,
+                              metadata={"help": "Coefficient of the masked pass's entropy (minimised)."})
+    perception_kl: str = field(default="k3", metadata={"help": "Perception KL estimator: k1, k2, k3 or exact."})
+    entropy: str = field(default="exact", metadata={"help": "Entropy: exact (full vocabulary) or sampled."})
+    masked_gradient: bool = field(
+        default=True, metadata={"help": "Gradient through the masked pass (False: the authors' detached masked "
+                                        "log-probs)."})
+    mask_probability: float = field(default=0.6, metadata={"help": "Chance that a cell is blackened."})
+    mask_cell: int = field(default=14, metadata={"help": "Cell side in pixels."})
+    mask_target: str = field(default="image", metadata={"help": "Mask the raw image or the pixel_values."})
+    gamma_schedule: str = field(default="fixed", metadata={"help": "fixed, or linear annealing to gamma_final."})
+    gamma_final: float = field(default=0.0, metadata={"help": "Gamma at the end of a linear schedule."})
+    gamma_anneal_fraction: float = field(
+        default=1.0, metadata={"help": "Fraction of the training steps over which gamma anneals."})
+    backend: str = field(default="auto", metadata={"help": "Backend of papo_loss and linear_logprobs: auto or one "
+                                                           "of papo_kernels.BACKENDS."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_papo_fields()
+        self._check_grpo_fields()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "PAPOConfig":
+        """The published setting ``papo_kernels.PRESETS[name]`` in full, GRPO fields included, then ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"name must be one of {list(PRESETS)}, got {name!r}")
+        unknown = sorted(set(PRESETS[name]) - set(PRESET_FIELDS))
+        if unknown:
+            raise ValueError(f"preset {name!r} sets {unknown}, which PAPOConfig cannot map to a field")
+        values = {PRESET_FIELDS[key]: value for key, value in PRESETS[name].items()}
+        return cls(**{**values, **overrides})
+
+    @property
+    def uses_masked_image(self) -> bool:
+        """Whether any PAPO term is on (papo_loss needs the masked pass for each of them)."""
+        return self.gamma != 0 or self.eta_clean != 0 or self.eta_masked != 0
+
+    def coefficient_scale(self, step: int, total_steps: int) -> float:
+        """Factor on gamma, eta_clean and eta_masked at optimizer step ``step`` of ``total_steps``."""
+        if self.gamma_schedule == "fixed" or self.gamma == 0:
+            return 1.0
+        progress = min(1.0, step / max(1.0, self.gamma_anneal_fraction * total_steps))
+        return (self.gamma + progress * (self.gamma_final - self.gamma)) / self.gamma
+
+    def papo_loss_options(self) -> Dict[str, Any]:
+        """The ``papo_loss`` keywords this config fixes for the whole run (the coefficients aside)."""
+        return dict(epsilon_low=self.epsilon, epsilon_high=self.epsilon_high, dual_clip=self.delta, beta=self.beta,
+                    perception_kl=self.perception_kl, entropy=self.entropy, loss_type=self.loss_type,
+                    max_completion_length=self.max_completion_length,
+                    importance_sampling_level=self.importance_sampling_level, backend=self.backend)
+
+    def _check_papo_fields(self) -> None:
+        def fail(name: str, allowed: str) -> None:
+            raise ValueError(f"PAPOConfig.{name}: got {getattr(self, name)!r}, expected {allowed}")
+
+        choices = {"perception_kl": PERCEPTION_KL_ESTIMATORS, "entropy": ENTROPY_MODES, "mask_target": MASK_TARGETS,
+                   "gamma_schedule": GAMMA_SCHEDULES, "backend": BACKENDS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                fail(name, f"one of {list(allowed)}")
+        for name in ("gamma", "eta_clean", "eta_masked", "gamma_final"):
+            if not _is_number(getattr(self, name)):
+                fail(name, "a finite number")
+        if self.gamma_final < 0:
+            fail("gamma_final", "a number >= 0")
+        if not _is_number(self.mask_probability) or not 0 <= self.mask_probability <= 1:
+            fail("mask_probability", "a number in [0, 1]")
+        if isinstance(self.mask_cell, bool) or not isinstance(self.mask_cell, int) or self.mask_cell < 1:
+            fail("mask_cell", "a positive int")
+        if not _is_number(self.gamma_anneal_fraction) or not 0 < self.gamma_anneal_fraction <= 1:
+            fail("gamma_anneal_fraction", "a number in (0, 1]")
+        if not isinstance(self.masked_gradient, bool):
+            fail("masked_gradient", "True or False")
+        if not self.masked_gradient and self.perception_kl == "exact":
+            fail("masked_gradient", "True with perception_kl='exact' (the exact KL needs the masked pass's hidden "
+                 "states)")
+
+    def _check_grpo_fields(self) -> None:
+        """GRPO options that papo_loss does not implement are refused, not ignored."""
+        def refuse(name: str, allowed: str) -> None:
+            raise ValueError(f"PAPOConfig.{name}={getattr(self, name)!r} is not supported by PAPOTrainer; "
+                             f"allowed: {allowed}")
+
+        if self.loss_type not in LOSS_TYPES:
+            refuse("loss_type", f"one of {list(LOSS_TYPES)}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            refuse("importance_sampling_level", f"one of {list(IMPORTANCE_SAMPLING_LEVELS)}")
+        epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        if self.delta is not None and not (_is_number(self.delta) and self.delta > 1 + epsilon_high):
+            refuse("delta", f"None or a number > 1 + epsilon_high = {1 + epsilon_high} (the dual clip)")
+        if self.use_bias_correction_kl and self.beta != 0:
+            refuse("use_bias_correction_kl", "False with beta != 0 (papo_loss's reference KL is the plain k3, not "
+                   "reweighted by the ratio)")
+        if self.entropy_coef != 0 or self.use_adaptive_entropy:
+            name = "entropy_coef" if self.entropy_coef != 0 else "use_adaptive_entropy"
+            refuse(name, "entropy_coef=0 and use_adaptive_entropy=False; PAPO's entropy terms are eta_clean and "
+                   "eta_masked")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

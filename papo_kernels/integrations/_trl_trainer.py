@@ -1,0 +1,318 @@
+"""``PAPOTrainer``: TRL's ``GRPOTrainer`` with ``papo_loss`` on the final hidden states of a clean and a masked pass.
+
+What changes against GRPOTrainer, and why:
+
+- rollouts (``_generate_and_score_completions``): after TRL's generation and scoring, each
+  prompt's image is masked once, with a mask drawn from ``(seed, step, rollout, group)``, so
+  the G responses of a prompt share it on whichever process they land, and every rollout
+  masks the clean image afresh (masks never compound). The masked ``pixel_values`` travel
+  as one tensor per sample, so TRL's shuffling and splitting keep them aligned.
+- log-probs (``_get_per_token_logps_and_entropies``, used by TRL for the old and reference
+  policies): final hidden states through the model's forward, then
+  ``papo_kernels.linear_logprobs``, so they are the float32 numbers the loss computes.
+- loss (``_compute_loss``): one forward of the wrapped model over the clean and the masked
+  sequences (DDP and FSDP see it), then ``papo_loss`` on the hidden states and the head's
+  weight, with TRL's normalisation over processes, gradient accumulation and generation
+  steps. TRL's per-token weights (vLLM importance sampling, top-entropy and off-policy
+  masks) multiply the policy-gradient term, as in TRL.
+- metrics: TRL's names (``kl``, ``entropy``, ``clip_ratio/*_mean``) plus ``papo/*``, token
+  means over all processes.
+"""
+
+from itertools import accumulate
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from trl import GRPOTrainer
+
+from .. import linear_logprobs, papo_loss
+from ..hidden_states import completion_hidden_states, output_head
+from ..masking import group_generator, mask_images_by_group, mask_pixel_values_by_group
+from ._trl_config import PAPOConfig
+
+UNSUPPORTED_TRAINER_ARGUMENTS = ("tools", "rollout_func", "environment_factory")
+# Text-config fields that make TRL scale or cap the logits; papo_loss computes plain (W h + b) / temperature.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+QWEN_VL_IMAGE_PROCESSOR = ("merge_size", "patch_size", "image_mean", "image_std")
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+TRAIN, EVAL = 0, 1  # mask-seed keys of the two modes
+
+
+class PAPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with the PAPO objective (arXiv 2507.06448) computed by ``papo_kernels.papo_loss``.
+
+    Takes the arguments of ``GRPOTrainer`` with a ``PAPOConfig`` as ``args``. Supports Qwen-VL-family
+    models (``pixel_values`` with ``image_grid_thw``: Qwen2-VL, Qwen2.5-VL) with at least one image per
+    prompt, and the loss types ``grpo``, ``bnpo``, ``dapo``, ``dr_grpo``. Options it cannot honour
+    (tools, environments, custom rollouts, other loss types, TRL's entropy bonus, MoE auxiliary loss,
+    scaled or capped logits) raise a ``ValueError`` naming them.
+    """
+
+    _tag_names = ["trl", "papo"]
+    _name = "PAPO"
+    _paper = {
+        "title": "Perception-Aware Policy Optimization for Multimodal Reasoning",
+        "id": "2507.06448",
+        "citation": "@article{wang2025perception,\n"
+                    "    title   = {{Perception-Aware Policy Optimization for Multimodal Reasoning}},\n"
+                    "    author  = {Zhenhailong Wang and Xuehang Guo and Sofia Stoica and Haiyang Xu and Hongru Wang "
+                    "and Hyeonjeong Ha and Xiusi Chen and Yangyi Chen and Ming Yan and Fei Huang and Heng Ji},\n"
+                    "    year    = 2025,\n"
+                    "    eprint  = {arXiv:2507.06448},\n"
+                    "}",
+    }
+
+    def __init__(self, model, reward_funcs=None, args: Optional[PAPOConfig] = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
+            args = PAPOConfig(f"{name.split('/')[-1]}-PAPO")
+        if not isinstance(args, PAPOConfig):
+            raise TypeError(f"args must be a PAPOConfig (GRPOConfig with the PAPO fields), got {type(args).__name__}")
+        for name in UNSUPPORTED_TRAINER_ARGUMENTS:
+            if kwargs.get(name):
+                raise ValueError(f"PAPOTrainer does not support {name}= (multi-turn or custom rollouts have no masked "
+                                 "image); remove it")
+        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs)
+        self._check_model_and_processor()
+        self._mask_rounds = 0
+
+    def _check_model_and_processor(self) -> None:
+        image_processor = getattr(self.processing_class, "image_processor", None)
+        missing = [name for name in QWEN_VL_IMAGE_PROCESSOR if not hasattr(image_processor, name)]
+        if image_processor is None or missing:
+            raise ValueError(f"processing_class: PAPOTrainer needs a Qwen-VL processor (an image_processor with "
+                             f"{list(QWEN_VL_IMAGE_PROCESSOR)}), got {type(self.processing_class).__name__}"
+                             + (f" whose image processor lacks {missing}" if image_processor is not None else ""))
+        if self.args.mask_target == "pixel_values" and self.args.mask_cell != image_processor.patch_size:
+            raise ValueError(f"PAPOConfig.mask_cell: with mask_target='pixel_values' a cell is one vision patch, "
+                             f"so mask_cell must be {image_processor.patch_size}, got {self.args.mask_cell}")
+        text_config = self.model.config.get_text_config()
+        for name in LOGIT_TRANSFORMS:
+            if getattr(text_config, name, None) not in (None, 1, 1.0):
+                raise ValueError(f"model: its config sets {name}={getattr(text_config, name)}, which papo_loss does "
+                                 "not apply to the logits")
+        if self.aux_loss_enabled:
+            raise ValueError("model: the MoE load-balancing loss (router_aux_loss_coef) is not supported by "
+                             "PAPOTrainer; set router_aux_loss_coef=0")
+
+    # Rollouts: TRL's, plus the masked image of each prompt.
+
+    def _generate_and_score_completions(self, inputs: List[dict]) -> dict:
+        output = super()._generate_and_score_completions(inputs)
+        if not self.args.uses_masked_image:
+            return output
+        if "image_grid_thw" not in output or "num_images" not in output:
+            raise ValueError("PAPOTrainer needs image prompts of a Qwen-VL model (pixel_values with image_grid_thw); "
+                             f"the batch holds {sorted(output)}")
+        masked = self._masked_pixel_values(inputs, output)
+        if self.args.masked_gradient:
+            rows = output["image_grid_thw"].prod(-1).tolist()
+            rows_per_sample = [sum(rows[start:end]) for start, end in _spans(output["num_images"])]
+            output["masked_pixel_values"] = list(torch.split(masked, rows_per_sample))
+        else:
+            output["masked_per_token_logps"] = self._masked_logprobs(output, masked)
+        return output
+
+    def _masked_pixel_values(self, inputs: List[dict], output: dict) -> Tensor:
+        """``pixel_values`` of the batch's masked images: one mask per prompt group, the same in every process."""
+        training = self.model.training
+        num_generations = self.num_generations if training else self.num_generations_eval
+        first = self.accelerator.process_index * len(inputs)
+        group_ids = [(first + index) // num_generations for index in range(len(inputs))]
+        seed = group_generator(self.args.seed, TRAIN if training else EVAL, self.state.global_step,
+                               self._mask_rounds).initial_seed()
+        self._mask_rounds += 1
+        images = _prompt_images(inputs)
+        image_processor = self.processing_class.image_processor
+        clean = output["pixel_values"]
+        if self.args.mask_target == "pixel_values":
+            return mask_pixel_values_by_group(clean, output["image_grid_thw"], group_ids, seed, image_processor,
+                                              images_per_sample=output["num_images"],
+                                              probability=self.args.mask_probability)
+        masked_images = mask_images_by_group(images, group_ids, seed, probability=self.args.mask_probability,
+                                             cell=self.args.mask_cell)
+        flat = [image for sample in masked_images for image in sample]
+        masked = image_processor(images=flat, return_tensors="pt")["pixel_values"].to(clean.device, clean.dtype)
+        if masked.shape != clean.shape:
+            raise RuntimeError(f"the masked images gave pixel_values of shape {tuple(masked.shape)}, the clean ones "
+                               f"{tuple(clean.shape)}; masking must keep every image's size")
+        return masked
+
+    @torch.no_grad()
+    def _masked_logprobs(self, output: dict, masked: Tensor) -> Tensor:
+        """The rollout policy's log-probs on the masked images, without gradient (``masked_gradient=False``)."""
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        batch_size = self.args.per_device_train_batch_size if self.model.training \
+            else self.args.per_device_eval_batch_size
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model, input_ids, attention_mask, output["completion_ids"].size(1), batch_size=batch_size,
+            pixel_values=masked, image_grid_thw=output["image_grid_thw"], num_images=output["num_images"],
+            mm_token_type_ids=output.get("mm_token_type_ids"))
+        return logps
+
+    # Log-probs of the old and reference policies: the package's fused forward.
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, pixel_values=None,
+                                           image_grid_thw=None, num_images=None, mm_token_type_ids=None,
+                                           **other_inputs) -> Tuple[Tensor, Optional[Tensor], None]:
+        if compute_aux_loss:
+            raise ValueError("PAPOTrainer does not compute the MoE auxiliary loss")
+        unsupported = sorted(name for name, value in other_inputs.items() if value is not None)
+        if unsupported:
+            raise ValueError(f"PAPOTrainer supports Qwen-VL inputs ({list(MULTIMODAL_KEYS)}), got {unsupported}")
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                  "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            chunk = _take_samples(inputs, num_images, start, min(start + batch_size, input_ids.size(0)))
+            hidden, weight, bias = self._hidden_and_head(model, chunk, logits_to_keep)
+            mask = chunk["attention_mask"][:, -logits_to_keep:] != 0
+            tokens = chunk["input_ids"][:, -logits_to_keep:].where(mask, 0)
+            chunk_logps, chunk_entropy = linear_logprobs(hidden, weight, tokens, bias=bias,
+                                                         temperature=self.temperature, backend=self.args.backend)
+            logps.append(chunk_logps.where(mask, 0.0))
+            entropies.append(chunk_entropy.where(mask, 0.0))
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    def _hidden_and_head(self, model, inputs: Dict[str, Tensor], completion_length: int):
+        """Final hidden states at the completion positions, in the head's dtype, and the head's weight and bias."""
+        with self.accelerator.autocast():
+            hidden = completion_hidden_states(model, inputs, completion_length)
+        weight, bias = output_head(model)
+        return hidden.to(weight.dtype), weight, bias
+
+    # The loss.
+
+    def _compute_loss(self, model, inputs: dict) -> Tensor:
+        if "tool_mask" in inputs:
+            raise ValueError("PAPOTrainer does not support tool masks (multi-turn rollouts)")
+        training = self.model.training
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        forward_inputs = {
+            "input_ids": torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            "attention_mask": torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+            **{key: inputs[key] for key in MULTIMODAL_KEYS if inputs.get(key) is not None},
+        }
+        masked_pixel_values = inputs.get("masked_pixel_values")
+        if masked_pixel_values is not None:
+            forward_inputs = _clean_then_masked(forward_inputs, torch.cat(masked_pixel_values))
+        hidden, weight, bias = self._hidden_and_head(model, forward_inputs, completion_ids.size(1))
+        hidden_masked = None
+        if masked_pixel_values is not None:
+            hidden, hidden_masked = hidden.chunk(2)
+
+        scale = self.args.coefficient_scale(self.state.global_step, self.state.max_steps)
+        coefficients = {name: getattr(self.args, name) * scale for name in ("gamma", "eta_clean", "eta_masked")}
+        num_items_in_batch = None
+        if self.loss_type == "dapo":
+            # TRL's normaliser: the generation batch's tokens, per process and per accumulation window.
+            num_items_in_batch = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if training:
+                num_items_in_batch = (num_items_in_batch * self.current_gradient_accumulation_steps
+                                      / self.args.steps_per_generation)
+        advantages = inputs["advantages"]
+        policy_weights = self._policy_weights(inputs, hidden, weight, bias)
+        with self.accelerator.autocast():
+            loss, metrics = papo_loss(
+                hidden, weight, completion_ids, completion_mask, advantages, hidden_masked=hidden_masked,
+                masked_logprobs=inputs.get("masked_per_token_logps"), old_logprobs=inputs.get("old_per_token_logps"),
+                ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0 else None, bias=bias,
+                temperature=self.temperature, num_items_in_batch=num_items_in_batch,
+                policy_weights=policy_weights, **coefficients,
+                **self.args.papo_loss_options())
+        if training and self.loss_type != "dapo":
+            loss = loss / self.current_gradient_accumulation_steps
+        self._log_loss_metrics(metrics, coefficients)
+        return loss
+
+    def _policy_weights(self, inputs: dict, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        """TRL's gradient-free per-token weights of the policy-gradient term, (B, T), or None without any."""
+        completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+        weights = []
+        if self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None:
+            with torch.no_grad():
+                logps, entropies = linear_logprobs(hidden.detach(), weight.detach(), completion_ids.where(mask != 0, 0),
+                                                   bias=None if bias is None else bias.detach(),
+                                                   temperature=self.temperature, backend=self.args.backend)
+            if self.off_policy_mask_threshold is not None:
+                old_logps = inputs.get("old_per_token_logps", logps)
+                weights.append(self.get_off_policy_mask(
+                    advantages=inputs["advantages"].reshape(mask.shape[0], -1), per_token_logps=logps,
+                    sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_logps), mask=mask,
+                    off_policy_threshold=self.off_policy_mask_threshold))
+            if self.top_entropy_quantile < 1.0:
+                weights.append(self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile))
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            weights.append(inputs["importance_sampling_ratio"])
+        if not weights:
+            return None
+        product = torch.ones(mask.shape, dtype=torch.float32, device=mask.device)
+        for factor in weights:
+            product = product * factor.to(torch.float32)
+        return product
+
+    def _log_loss_metrics(self, metrics: Dict[str, Tensor], coefficients: Dict[str, float]) -> None:
+        """Token means over every process (sums and token counts reduced together), under TRL's names and papo/*."""
+        mode = "train" if self.model.training else "eval"
+        names = [name for name in metrics if name != "tokens"]
+        tokens = metrics["tokens"].to(torch.float32)
+        local = torch.stack([metrics[name].to(torch.float32) * tokens for name in names] + [tokens])
+        totals = self.accelerator.reduce(local, reduction="sum")
+        means = dict(zip(names, (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()))
+        logged = self._metrics[mode]
+        if self.beta != 0.0:
+            logged["kl"].append(means["ref_kl"])
+        logged["entropy"].append(means["entropy"])
+        logged["clip_ratio/low_mean"].append(means["clip_fraction_low"])
+        logged["clip_ratio/high_mean"].append(means["clip_fraction_high"])
+        logged["clip_ratio/region_mean"].append(means["clip_fraction_low"] + means["clip_fraction_high"])
+        for name, value in means.items():
+            logged[f"papo/{name}"].append(value)
+        for name, value in coefficients.items():
+            logged[f"papo/{name}"].append(value)
+
+
+def _spans(counts: List[int]) -> List[Tuple[int, int]]:
+    """``[(start, end)]`` of consecutive blocks of ``counts`` items."""
+    ends = list(accumulate(counts))
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _prompt_images(inputs: List[dict]) -> List[list]:
+    """The images of each prompt of TRL's batch (its ``images`` or ``image`` column)."""
+    if "images" in inputs[0]:
+        images = [example.get("images") for example in inputs]
+    else:
+        images = [[example["image"]] if example.get("image") is not None else None for example in inputs]
+    for index, sample in enumerate(images):
+        if not sample:
+            raise ValueError(f"PAPOTrainer needs at least one image per prompt; prompt {index} of the batch has none "
+                             "(an 'image' or 'images' column)")
+    return images
+
+
+def _take_samples(inputs: Dict[str, Optional[Tensor]], num_images: Optional[List[int]], start: int,
+                  end: int) -> Dict[str, Tensor]:
+    """Samples ``start:end`` of Qwen-VL model inputs, with their images' ``pixel_values`` rows."""
+    taken = {key: inputs[key][start:end] for key in ("input_ids", "attention_mask", "mm_token_type_ids")
+             if inputs.get(key) is not None}
+    if inputs.get("pixel_values") is not None:
+        images = _spans(num_images)
+        first, last = images[start][0], images[end - 1][1]
+        rows = [0] + list(accumulate(inputs["image_grid_thw"].prod(-1).tolist()))
+        taken["pixel_values"] = inputs["pixel_values"][rows[first]:rows[last]]
+        taken["image_grid_thw"] = inputs["image_grid_thw"][first:last]
+    return taken
+
+
+def _clean_then_masked(inputs: Dict[str, Tensor], masked_pixel_values: Tensor) -> Dict[str, Tensor]:
+    """One batch of 2B sequences: the B clean ones, then the same B on their masked images."""
+    doubled = {key: torch.cat([value, value]) for key, value in inputs.items() if key != "pixel_values"}
+    doubled["pixel_values"] = torch.cat([inputs["pixel_values"], masked_pixel_values])
+    return doubled

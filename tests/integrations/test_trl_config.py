@@ -1,0 +1,102 @@
+"""PAPOConfig: the paper's settings in full, refused options, and the import guard of the TRL integration."""
+
+import subprocess
+import sys
+
+import pytest
+from trl import GRPOConfig
+
+from papo_kernels import PRESETS
+from papo_kernels.integrations.trl import PAPOConfig, PAPOTrainer
+from trl_setup import build_processor_and_model_folder, colour_dataset, common_fields, length_reward
+
+CPU = dict(output_dir="unused", use_cpu=True, report_to=[])
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_defaults_are_papo_d_in_full():
+    assert PAPOConfig(**CPU) == PAPOConfig.from_preset("papo_d", **CPU)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_set_every_setting_under_trls_names(name):
+    config = PAPOConfig.from_preset(name, **CPU)
+    preset = PRESETS[name]
+    assert (config.epsilon, config.epsilon_high, config.delta) == (preset["epsilon_low"], preset["epsilon_high"],
+                                                                   preset["dual_clip"])
+    for field in ("beta", "gamma", "eta_clean", "eta_masked", "perception_kl", "loss_type"):
+        assert getattr(config, field) == preset[field], field
+    assert config.uses_masked_image == (preset["gamma"] != 0 or preset["eta_clean"] != 0 or preset["eta_masked"] != 0)
+    assert PAPOConfig.from_preset(name, beta=0.5, **CPU).beta == 0.5, "overrides win"
+
+
+def test_a_grpo_config_differs_where_papo_sets_the_paper_value():
+    """What a user switching from GRPOConfig gets unless they set it: PAPO-D's clip range and dual clip."""
+    grpo, papo = GRPOConfig(**CPU), PAPOConfig(**CPU)
+    assert (grpo.epsilon_high, grpo.delta, grpo.use_bias_correction_kl) == (None, None, True)
+    assert (papo.epsilon_high, papo.delta, papo.use_bias_correction_kl) == (0.28, 3.0, False)
+
+
+def test_linear_gamma_schedule():
+    config = PAPOConfig(gamma=0.02, gamma_schedule="linear", gamma_final=0.01, gamma_anneal_fraction=0.5, **CPU)
+    assert [config.coefficient_scale(step, 100) for step in (0, 25, 50, 90)] == pytest.approx([1, 0.75, 0.5, 0.5])
+    assert PAPOConfig(gamma=0.02, **CPU).coefficient_scale(50, 100) == 1.0
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(loss_type="cispo"), "loss_type='cispo' is not supported"),
+    (dict(importance_sampling_level="segment"), "importance_sampling_level"),
+    (dict(delta=1.2), "delta=1.2 is not supported"),
+    (dict(beta=0.01, use_bias_correction_kl=True), "use_bias_correction_kl"),
+    (dict(entropy_coef=0.01), "entropy_coef"),
+    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
+    (dict(perception_kl="k4"), "perception_kl"),
+    (dict(entropy="estimated"), "entropy"),
+    (dict(mask_target="video"), "mask_target"),
+    (dict(mask_probability=1.5), "mask_probability"),
+    (dict(mask_cell=0), "mask_cell"),
+    (dict(gamma_schedule="cosine"), "gamma_schedule"),
+    (dict(gamma_anneal_fraction=0.0), "gamma_anneal_fraction"),
+    (dict(gamma=float("nan")), "gamma"),
+    (dict(backend="cuda"), "backend"),
+    (dict(masked_gradient=False, perception_kl="exact"), "masked_gradient"),
+])
+def test_refused_settings_name_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PAPOConfig(**fields, **CPU)
+
+
+def test_trainer_refuses_what_it_cannot_honour(tmp_path):
+    processor = build_processor_and_model_folder(tmp_path / "model")
+    dataset = colour_dataset(1)
+
+    def trainer(**kwargs):
+        args = kwargs.pop("args", PAPOConfig(**common_fields(processor, tmp_path / "out")))
+        return PAPOTrainer(model=str(tmp_path / "model"), reward_funcs=length_reward, args=args,
+                           train_dataset=dataset, processing_class=processor, **kwargs)
+
+    with pytest.raises(TypeError, match="args must be a PAPOConfig"):
+        trainer(args=GRPOConfig(**common_fields(processor, tmp_path / "out")))
+    with pytest.raises(ValueError, match="tools="):
+        trainer(tools=[len])
+    with pytest.raises(ValueError, match="mask_cell must be 14"):
+        trainer(args=PAPOConfig(mask_target="pixel_values", mask_cell=16, **common_fields(processor, tmp_path)))
+    with pytest.raises(ValueError, match="Qwen-VL processor"):
+        PAPOTrainer(model=str(tmp_path / "model"), reward_funcs=length_reward, train_dataset=dataset,
+                    args=PAPOConfig(**common_fields(processor, tmp_path)), processing_class=processor.tokenizer)
+
+
+def test_papo_kernels_never_imports_trl():
+    result = run_python("import sys, papo_kernels, papo_kernels.integrations; print('trl' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_without_trl_the_import_error_names_the_extra():
+    result = run_python("import sys; sys.modules['trl'] = None\nimport papo_kernels.integrations.trl")
+    assert result.returncode != 0
+    assert "ImportError: papo_kernels.integrations.trl needs TRL" in result.stderr
+    assert 'pip install "papo-kernels[trl]"' in result.stderr

@@ -1,0 +1,145 @@
+"""With the PAPO terms off, PAPOTrainer's loss and gradients are TRL's own GRPOTrainer's, on the same batch.
+
+Both trainers load the same tiny Qwen2-VL from a folder. One generation batch is made by PAPOTrainer
+through TRL's own ``_prepare_inputs`` (generation, scoring, shuffling, splitting into micro-batches), and
+both trainers compute the loss of every micro-batch and accumulate gradients. Under bf16 autocast TRL's
+head runs in float32 (``cast_lm_head_to_fp32``), as papo_loss's always does; the backbone runs under the
+same autocast in both. Old log-probs are TRL's own plus noise, so ratios leave the clip range.
+"""
+
+import pytest
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from papo_kernels.integrations.trl import PAPOConfig, PAPOTrainer
+from trl_setup import (build_processor_and_model_folder, colour_dataset, common_fields, generation_rows, length_reward,
+                       parameter_gradients)
+
+NUM_PROMPTS = 2
+SHARED_GRPO = dict(epsilon=0.2, epsilon_high=0.28, delta=3.0, use_bias_correction_kl=False)
+PAPO_OFF = dict(gamma=0.0, eta_clean=0.0, eta_masked=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-qwen2vl")
+    return folder, build_processor_and_model_folder(folder), colour_dataset(NUM_PROMPTS)
+
+
+def make_trainers(tiny, tmp_path, grpo_only=None, papo_only=None, **fields):
+    folder, processor, dataset = tiny
+    shared = {**SHARED_GRPO, **fields}
+    grpo_args = GRPOConfig(**common_fields(processor, tmp_path / "grpo", **shared),
+                           cast_lm_head_to_fp32=shared.get("bf16", True), **(grpo_only or {}))
+    papo_args = PAPOConfig(**common_fields(processor, tmp_path / "papo", **shared), **{**PAPO_OFF, **(papo_only or {})})
+    trainers = [cls(model=str(folder), reward_funcs=length_reward, args=args, train_dataset=dataset,
+                    processing_class=processor)
+                for cls, args in ((GRPOTrainer, grpo_args), (PAPOTrainer, papo_args))]
+    for trainer in trainers:
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    return trainers
+
+
+def micro_batches(trainer, rows):
+    """The micro-batches of one generation batch, made by TRL's own _prepare_inputs."""
+    batches = []
+    for step in range(trainer.args.steps_per_generation):
+        trainer._step = step
+        batches.append(trainer._prepare_inputs(rows))
+    return batches
+
+
+def with_noisy_old_logprobs(trainer, batch, seed):
+    """The batch with old log-probs = the model's (by TRL's own head) + N(0, 0.3) noise on response tokens."""
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), batch["completion_ids"].size(1),
+            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+            num_images=batch["num_images"], mm_token_type_ids=batch["mm_token_type_ids"])
+    noise = 0.3 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(seed))
+    return {**batch, "old_per_token_logps": logps + noise * batch["completion_mask"]}
+
+
+def losses_and_gradients(trainer, batches):
+    trainer.model.zero_grad()
+    losses = []
+    for batch in batches:
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        losses.append(loss.detach())
+    return torch.stack(losses), parameter_gradients(trainer.model)
+
+
+def assert_same_loss_and_gradients(grpo, papo, batches):
+    grpo_losses, grpo_grads = losses_and_gradients(grpo, batches)
+    papo_losses, papo_grads = losses_and_gradients(papo, batches)
+    torch.testing.assert_close(papo_losses, grpo_losses, rtol=1e-5, atol=1e-7)
+    assert set(papo_grads) == set(grpo_grads)
+    scale = max(grad.abs().max().item() for grad in grpo_grads.values())
+    assert scale > 1e-4, "the batch must carry a gradient"
+    for name, grad in grpo_grads.items():
+        torch.testing.assert_close(papo_grads[name], grad, rtol=1e-4, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("old_logprobs, accumulation", [(False, 1), (True, 2)], ids=["on-policy", "old-accum2"])
+def test_loss_and_gradients_equal_grpo_trainer(tiny, tmp_path, loss_type, old_logprobs, accumulation):
+    grpo, papo = make_trainers(tiny, tmp_path, loss_type=loss_type, gradient_accumulation_steps=accumulation,
+                               per_device_train_batch_size=NUM_PROMPTS * 4 // accumulation)
+    batches = micro_batches(papo, generation_rows(tiny[2], NUM_PROMPTS))
+    assert len(batches) == accumulation
+    if old_logprobs:
+        batches = [with_noisy_old_logprobs(grpo, batch, seed) for seed, batch in enumerate(batches)]
+    assert_same_loss_and_gradients(grpo, papo, batches)
+    if old_logprobs:
+        clipped = [papo._metrics["train"][name][-1] for name in ("clip_ratio/low_mean", "clip_ratio/high_mean")]
+        assert sum(clipped) > 0, "the noisy old log-probs must clip some ratios"
+        torch.testing.assert_close(torch.tensor(papo._metrics["train"]["clip_ratio/region_mean"]),
+                                   torch.tensor(grpo._metrics["train"]["clip_ratio/region_mean"]))
+    torch.testing.assert_close(torch.tensor(papo._metrics["train"]["entropy"]),
+                               torch.tensor(grpo._metrics["train"]["entropy"]), rtol=1e-5, atol=1e-6)
+
+
+def test_float32_without_autocast(tiny, tmp_path):
+    grpo, papo = make_trainers(tiny, tmp_path, bf16=False)
+    batches = micro_batches(papo, generation_rows(tiny[2], NUM_PROMPTS))
+    assert_same_loss_and_gradients(grpo, papo, [with_noisy_old_logprobs(grpo, batches[0], 0)])
+
+
+@pytest.mark.parametrize("option", ["beta", "sequence", "top_entropy", "off_policy", "vllm_ratio"])
+def test_trl_options_equal_grpo_trainer(tiny, tmp_path, option):
+    """TRL's reference KL, GSPO's sequence-level ratio and the per-token weights of the policy-gradient term."""
+    fields = {"beta": dict(beta=0.04), "sequence": dict(importance_sampling_level="sequence", loss_type="grpo"),
+              "top_entropy": dict(top_entropy_quantile=0.5), "off_policy": dict(off_policy_mask_threshold=0.05),
+              "vllm_ratio": {}}[option]
+    grpo, papo = make_trainers(tiny, tmp_path, **fields)
+    batch = with_noisy_old_logprobs(grpo, micro_batches(papo, generation_rows(tiny[2], NUM_PROMPTS))[0], 1)
+    mask = batch["completion_mask"]
+    if option == "beta":
+        noise = 0.2 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(2))
+        batch["ref_per_token_logps"] = batch["old_per_token_logps"] + noise * mask
+    if option == "vllm_ratio":
+        # TRL applies the vLLM importance-sampling ratio in the loss when these flags are set; this CPU has no
+        # vLLM to generate with, so the flags are set on both trainers after generation and the ratio is given.
+        for trainer in (grpo, papo):
+            trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        batch["importance_sampling_ratio"] = torch.rand(mask.shape, generator=torch.Generator().manual_seed(3)) + 0.5
+    assert_same_loss_and_gradients(grpo, papo, [batch])
+    if option == "beta":
+        torch.testing.assert_close(torch.tensor(papo._metrics["train"]["kl"]),
+                                   torch.tensor(grpo._metrics["train"]["kl"]), rtol=1e-5, atol=1e-7)
+
+
+def test_masked_pass_on_an_unmasked_image_changes_nothing(tiny, tmp_path):
+    """With mask_probability 0 the masked image is the clean one: the perception KL is 0 with zero gradient,
+    so PAPO with gamma > 0 runs the joint clean + masked forward and still gives TRL's loss and gradients.
+    In float32: under bf16 autocast the two halves of the joint batch differ by bf16 rounding, and the KL's
+    gradient with them."""
+    grpo, papo = make_trainers(tiny, tmp_path, bf16=False, papo_only=dict(gamma=0.5, mask_probability=0.0))
+    batch = micro_batches(papo, generation_rows(tiny[2], NUM_PROMPTS))[0]
+    assert "masked_pixel_values" in batch
+    torch.testing.assert_close(torch.cat(batch["masked_pixel_values"]), batch["pixel_values"], rtol=0, atol=0)
+    assert_same_loss_and_gradients(grpo, papo, [with_noisy_old_logprobs(grpo, batch, 4)])
+    assert abs(papo._metrics["train"]["papo/perception_kl"][-1]) < 1e-6
