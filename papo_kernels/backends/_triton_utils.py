@@ -130,3 +130,97 @@ def absorb_tile(running_max, exp_sum, shifted_sum, z, col_ok):
     new_shifted_sum = alpha * grown(shifted_sum, max_shift, exp_sum) + tl.sum(exps * shifted, axis=1)
     new_exp_sum = alpha * exp_sum + tl.sum(exps, axis=1)
     return new_max, new_exp_sum, new_shifted_sum, exps, shifted, alpha, max_shift
+
+
+@triton.jit
+def initial_pair_state(BLOCK_N: tl.constexpr):
+    """The state of ``absorb_pair`` before any tile: running maxima -inf, every sum 0."""
+    zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    minus_inf = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    return zero, minus_inf, zero, zero, zero, minus_inf, zero, zero, zero
+
+
+@triton.jit
+def absorb_pair(
+    # per-row state of the clean pass: token logit, m, s = sum exp(z - m), t = sum exp(z - m)(z - m)
+    token_logit, running_max, exp_sum, shifted_sum,
+    # the same of the masked pass, and u = sum exp(z - m)(z~ - m~) across the passes
+    token_logit_masked, running_max_masked, exp_sum_masked, shifted_sum_masked, cross_sum,
+    # a (BLOCK_N, BLOCK_V) tile of each pass, which tile columns are the rows' tokens, which are in range
+    z, z_masked, is_token, col_ok,
+    PAIRED: tl.constexpr,
+):
+    """One step of the online statistics of PAPO_SPEC.md over a tile of logits; returns the new state."""
+    token_logit += tl.sum(tl.where(is_token, z, 0.0), axis=1)
+    exp_sum_before = exp_sum
+    running_max, exp_sum, shifted_sum, exps, _, alpha, _ = absorb_tile(running_max, exp_sum, shifted_sum, z, col_ok)
+    if PAIRED:
+        token_logit_masked += tl.sum(tl.where(is_token, z_masked, 0.0), axis=1)
+        running_max_masked, exp_sum_masked, shifted_sum_masked, _, shifted_masked, _, max_shift_masked = \
+            absorb_tile(running_max_masked, exp_sum_masked, shifted_sum_masked, z_masked, col_ok)
+        # u' = alpha (u + (m~ - m~') s) + sum exp(z - m')(z~ - m~')
+        cross_sum = alpha * grown(cross_sum, max_shift_masked, exp_sum_before) + tl.sum(exps * shifted_masked, axis=1)
+    return (token_logit, running_max, exp_sum, shifted_sum,
+            token_logit_masked, running_max_masked, exp_sum_masked, shifted_sum_masked, cross_sum)
+
+
+@triton.jit
+def store_statistics(
+    # output pointers, each (N,) float32
+    logprobs_ptr, entropy_ptr, lse_ptr, logprobs_masked_ptr, entropy_masked_ptr, lse_masked_ptr, kl_ptr,
+    # the rows and which are in range
+    rows, row_ok,
+    # the final state of ``absorb_pair``
+    token_logit, running_max, exp_sum, shifted_sum,
+    token_logit_masked, running_max_masked, exp_sum_masked, shifted_sum_masked, cross_sum,
+    PAIRED: tl.constexpr,
+):
+    """lse = m + log s, l = z_y - lse, H = log s - t / s, and KL(p || q) = (t - u) / s - log s + log s~."""
+    log_sum = tl.log(exp_sum)
+    lse = running_max + log_sum
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(logprobs_ptr + rows, token_logit - lse, mask=row_ok)
+    tl.store(entropy_ptr + rows, log_sum - shifted_sum / exp_sum, mask=row_ok)
+    if PAIRED:
+        log_sum_masked = tl.log(exp_sum_masked)
+        lse_masked = running_max_masked + log_sum_masked
+        tl.store(lse_masked_ptr + rows, lse_masked, mask=row_ok)
+        tl.store(logprobs_masked_ptr + rows, token_logit_masked - lse_masked, mask=row_ok)
+        tl.store(entropy_masked_ptr + rows, log_sum_masked - shifted_sum_masked / exp_sum_masked, mask=row_ok)
+        tl.store(kl_ptr + rows, (shifted_sum - cross_sum) / exp_sum - log_sum + log_sum_masked, mask=row_ok)
+
+
+@triton.jit
+def row_column(ptr, rows, row_ok, PRESENT: tl.constexpr):
+    """A (BLOCK_N, 1) column of per-row float32 values, or 0 where the value is absent."""
+    if PRESENT:
+        return tl.load(ptr + rows, mask=row_ok, other=0.0)[:, None]
+    return tl.zeros((rows.shape[0], 1), dtype=tl.float32)
+
+
+@triton.jit
+def clean_logit_gradient(p, log_p, log_q, is_token, logprobs_grad, entropy_grad, entropy, kl_grad, kl,
+                         LOGPROBS_GRAD: tl.constexpr, ENTROPY_GRAD: tl.constexpr, KL_GRAD: tl.constexpr):
+    """dz = g_l (e_y - p) - g_H p (log p + H) + g_KL p (log p - log q - KL); columns (BLOCK_N, 1) per row."""
+    dz = tl.zeros(p.shape, dtype=tl.float32)
+    if LOGPROBS_GRAD:
+        dz += logprobs_grad * (is_token - p)
+    if ENTROPY_GRAD:
+        dz -= entropy_grad * p * (log_p + entropy)
+    if KL_GRAD:
+        dz += kl_grad * p * (log_p - log_q - kl)
+    return dz
+
+
+@triton.jit
+def masked_logit_gradient(q, log_q, p, is_token, logprobs_grad, entropy_grad, entropy, kl_grad,
+                          LOGPROBS_GRAD: tl.constexpr, ENTROPY_GRAD: tl.constexpr, KL_GRAD: tl.constexpr):
+    """dz~ = g_l~ (e_y - q) - g_H~ q (log q + H~) + g_KL (q - p); columns (BLOCK_N, 1) per row."""
+    dz = tl.zeros(q.shape, dtype=tl.float32)
+    if LOGPROBS_GRAD:
+        dz += logprobs_grad * (is_token - q)
+    if ENTROPY_GRAD:
+        dz -= entropy_grad * q * (log_q + entropy)
+    if KL_GRAD:
+        dz += kl_grad * (q - p)
+    return dz

@@ -250,11 +250,12 @@ def backward_gradients(saved, grads, needs_input_grad, options: ChunkOptions):
                                     entropy_masked[rows])
                     passes.append((dz.div_(options.temperature), hidden_masked_rows, grad_hidden_masked))
                 # dh = dz W / tau, dW += dz^T h / tau, db += sum_rows dz / tau (dz already divided by tau)
+                # (addmm with out= rather than addmm_, which torch's FLOP counter does not see)
                 for dz, pass_hidden, pass_grad_hidden in passes:
                     if pass_grad_hidden is not None:
-                        pass_grad_hidden[rows].addmm_(dz, weight_chunk)
+                        torch.addmm(pass_grad_hidden[rows], dz, weight_chunk, out=pass_grad_hidden[rows])
                     if grad_weight_chunk is not None:
-                        grad_weight_chunk.addmm_(dz.T, pass_hidden)
+                        torch.addmm(grad_weight_chunk, dz.T, pass_hidden, out=grad_weight_chunk)
                     if grad_bias_chunk is not None:
                         grad_bias_chunk.add_(dz.sum(0))
             if grad_weight is not None:

@@ -27,8 +27,8 @@ from torch.autograd.function import once_differentiable
 from triton import knobs
 
 from . import TRITON_DTYPES
-from ._triton_utils import absorb_tile, block_config, dot_precisions, grown, last_dim_contiguous
-from ._triton_utils import logit_tiles
+from ._triton_utils import absorb_pair, block_config, clean_logit_gradient, dot_precisions, last_dim_contiguous
+from ._triton_utils import initial_pair_state, logit_tiles, masked_logit_gradient, row_column, store_statistics
 from .torch_chunked import GradientPlan
 
 
@@ -52,15 +52,8 @@ def _linear_perception_kl_fwd_kernel(
     row_ok = rows < n_rows
     tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
 
-    running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    exp_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    shifted_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    token_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    running_max_masked = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    exp_sum_masked = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    shifted_sum_masked = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    token_logit_masked = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    cross_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # u = sum exp(z - m)(z~ - m~)
+    (token_logit, running_max, exp_sum, shifted_sum, token_logit_masked, running_max_masked, exp_sum_masked,
+     shifted_sum_masked, cross_sum) = initial_pair_state(BLOCK_N)
 
     for v_start in range(0, vocab_size, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -70,33 +63,14 @@ def _linear_perception_kl_fwd_kernel(
             dim, stride_hidden, stride_hidden_masked, stride_weight, temperature,
             HAS_BIAS, True, PAIRED, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        is_token = cols[None, :] == tokens[:, None]
-        token_logit += tl.sum(tl.where(is_token, z, 0.0), axis=1)
-        exp_sum_before = exp_sum
-        running_max, exp_sum, shifted_sum, exps, _, alpha, _ = absorb_tile(
-            running_max, exp_sum, shifted_sum, z, col_ok)
-        if PAIRED:
-            token_logit_masked += tl.sum(tl.where(is_token, z_masked, 0.0), axis=1)
-            running_max_masked, exp_sum_masked, shifted_sum_masked, _, shifted_masked, _, max_shift_masked = \
-                absorb_tile(running_max_masked, exp_sum_masked, shifted_sum_masked, z_masked, col_ok)
-            # u' = alpha (u + (m~ - m~') s) + sum exp(z - m')(z~ - m~')
-            cross_sum = alpha * grown(cross_sum, max_shift_masked, exp_sum_before) + tl.sum(
-                exps * shifted_masked, axis=1)
+        (token_logit, running_max, exp_sum, shifted_sum, token_logit_masked, running_max_masked, exp_sum_masked,
+         shifted_sum_masked, cross_sum) = absorb_pair(
+            token_logit, running_max, exp_sum, shifted_sum, token_logit_masked, running_max_masked, exp_sum_masked,
+            shifted_sum_masked, cross_sum, z, z_masked, cols[None, :] == tokens[:, None], col_ok, PAIRED)
 
-    log_sum = tl.log(exp_sum)
-    lse = running_max + log_sum
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(logprobs_ptr + rows, token_logit - lse, mask=row_ok)  # l = z_y - lse
-    tl.store(entropy_ptr + rows, log_sum - shifted_sum / exp_sum, mask=row_ok)  # H = log s - t / s
-    if PAIRED:
-        log_sum_masked = tl.log(exp_sum_masked)
-        lse_masked = running_max_masked + log_sum_masked
-        tl.store(lse_masked_ptr + rows, lse_masked, mask=row_ok)
-        tl.store(logprobs_masked_ptr + rows, token_logit_masked - lse_masked, mask=row_ok)
-        tl.store(entropy_masked_ptr + rows, log_sum_masked - shifted_sum_masked / exp_sum_masked, mask=row_ok)
-        # KL(p || q) = (t - u) / s - log s + log s~
-        kl = (shifted_sum - cross_sum) / exp_sum - log_sum + log_sum_masked
-        tl.store(kl_ptr + rows, kl, mask=row_ok)
+    store_statistics(logprobs_ptr, entropy_ptr, lse_ptr, logprobs_masked_ptr, entropy_masked_ptr, lse_masked_ptr,
+                     kl_ptr, rows, row_ok, token_logit, running_max, exp_sum, shifted_sum, token_logit_masked,
+                     running_max_masked, exp_sum_masked, shifted_sum_masked, cross_sum, PAIRED)
 
 
 @triton.jit
@@ -137,37 +111,31 @@ def _linear_perception_kl_bwd_kernel(
         HAS_BIAS, CLEAN_LOGITS, MASKED_LOGITS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
     # log p = z - lse; p = 0 outside the tile's valid rows and columns, so dz is 0 there
+    log_p = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    p, log_q, q = log_p, log_p, log_p
     if CLEAN_LOGITS:
         log_p = tl.where(tile_ok, z - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None], 0.0)
         p = tl.where(tile_ok, tl.exp(log_p), 0.0)
     if MASKED_LOGITS:
         log_q = tl.where(tile_ok, z_masked - tl.load(lse_masked_ptr + rows, mask=row_ok, other=0.0)[:, None], 0.0)
         q = tl.where(tile_ok, tl.exp(log_q), 0.0)
-    if KL_GRAD:
-        kl_grad = tl.load(kl_grad_ptr + rows, mask=row_ok, other=0.0)[:, None]
-
     dz = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    kl_grad = row_column(kl_grad_ptr, rows, row_ok, KL_GRAD)
     if CLEAN_DZ:
-        if LOGPROBS_GRAD:  # d l / dz = e_y - p
-            dz += tl.load(logprobs_grad_ptr + rows, mask=row_ok, other=0.0)[:, None] * (is_token - p)
-        if ENTROPY_GRAD:  # d H / dz = -p (log p + H)
-            entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            dz -= tl.load(entropy_grad_ptr + rows, mask=row_ok, other=0.0)[:, None] * p * (log_p + entropy)
-        if KL_GRAD:  # d KL / dz = p (log p - log q - KL)
-            kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            dz += kl_grad * p * (log_p - log_q - kl)
-        dz = dz / temperature
+        dz = clean_logit_gradient(
+            p, log_p, log_q, is_token, row_column(logprobs_grad_ptr, rows, row_ok, LOGPROBS_GRAD),
+            row_column(entropy_grad_ptr, rows, row_ok, ENTROPY_GRAD),
+            row_column(entropy_ptr, rows, row_ok, ENTROPY_GRAD), kl_grad, row_column(kl_ptr, rows, row_ok, KL_GRAD),
+            LOGPROBS_GRAD, ENTROPY_GRAD, KL_GRAD,
+        ) / temperature
     dz_masked = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if MASKED_DZ:
-        if LOGPROBS_MASKED_GRAD:  # d l~ / dz~ = e_y - q
-            dz_masked += tl.load(logprobs_masked_grad_ptr + rows, mask=row_ok, other=0.0)[:, None] * (is_token - q)
-        if ENTROPY_MASKED_GRAD:  # d H~ / dz~ = -q (log q + H~)
-            entropy_masked = tl.load(entropy_masked_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            dz_masked -= tl.load(entropy_masked_grad_ptr + rows, mask=row_ok, other=0.0)[:, None] * q * (
-                log_q + entropy_masked)
-        if KL_GRAD:  # d KL / dz~ = q - p
-            dz_masked += kl_grad * (q - p)
-        dz_masked = dz_masked / temperature
+        dz_masked = masked_logit_gradient(
+            q, log_q, p, is_token, row_column(logprobs_masked_grad_ptr, rows, row_ok, LOGPROBS_MASKED_GRAD),
+            row_column(entropy_masked_grad_ptr, rows, row_ok, ENTROPY_MASKED_GRAD),
+            row_column(entropy_masked_ptr, rows, row_ok, ENTROPY_MASKED_GRAD), kl_grad,
+            LOGPROBS_MASKED_GRAD, ENTROPY_MASKED_GRAD, KL_GRAD,
+        ) / temperature
 
     # dz and dz~ already carry 1/tau: dh = dz W, dW = dz^T h + dz~^T h~, db = sum_rows (dz + dz~)
     if GRAD_BIAS:
