@@ -6,6 +6,7 @@ and what is allowed. Checks run before any computation.
 """
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -56,8 +57,18 @@ def check_choice(name: str, value, allowed: Sequence[str]) -> str:
 
 
 def check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
-    """A finite real number in [low, high] (or open ends where asked)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number in [low, high] (or open ends where asked): a Python or NumPy real, or a one-element
+    real tensor (read with one host sync). Returns it as a float."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number or a one-element real tensor, got a tensor of dtype "
+                            f"{value.dtype}")
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a real number or a one-element real tensor, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        check_has_data(**{name: value})
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     below = low is not None and (value <= low if low_open else value < low)
@@ -65,9 +76,34 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, high_
     if not math.isfinite(value) or below or above:
         left = "-inf" if low is None else f"{low}"
         right = "inf" if high is None else f"{high}"
-        interval = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+        opening, closing = "(" if low_open or low is None else "[", ")" if high_open or high is None else "]"
+        interval = f"{opening}{left}, {right}{closing}"
         raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
     return value
+
+
+def check_positive_int(name: str, value) -> int:
+    """A positive integer: a Python or NumPy integer (not bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_has_data(**tensors: Optional[torch.Tensor]) -> None:
+    """Tensors on the meta device have no values to compute with."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device, which holds no data; move it to a real device "
+                             "(cpu or cuda) first")
+
+
+def check_hidden_masked(hidden: torch.Tensor, hidden_masked) -> None:
+    """The masked pass's hidden states (optional): hidden's shape and dtype."""
+    if hidden_masked is not None:
+        check_float_tensor("hidden_masked", hidden_masked)
+        check_shape("hidden_masked", hidden_masked, hidden.shape, "the shape of hidden")
+        if hidden_masked.dtype != hidden.dtype:
+            raise TypeError(f"hidden_masked must have hidden's dtype {hidden.dtype}, got {hidden_masked.dtype}")
 
 
 def check_head(hidden: torch.Tensor, weight, bias) -> None:
@@ -104,15 +140,36 @@ def check_linear_inputs(hidden, weight, tokens, bias, temperature, hidden_masked
     check_float_tensor("hidden", hidden)
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., D), got a 0-dim tensor")
-    if hidden_masked is not None:
-        check_float_tensor("hidden_masked", hidden_masked)
-        check_shape("hidden_masked", hidden_masked, hidden.shape, "the shape of hidden")
-        if hidden_masked.dtype != hidden.dtype:
-            raise TypeError(f"hidden_masked must have hidden's dtype {hidden.dtype}, got {hidden_masked.dtype}")
+    check_hidden_masked(hidden, hidden_masked)
     check_head(hidden, weight, bias)
     check_int_tensor(tokens_name, tokens)
     check_shape(tokens_name, tokens, hidden.shape[:-1], "hidden.shape[:-1]")
     check_same_device(hidden=hidden, hidden_masked=hidden_masked, weight=weight, bias=bias, **{tokens_name: tokens})
+    check_has_data(hidden=hidden)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     check_token_range(tokens_name, tokens, weight.shape[0])
     return temperature
+
+
+def check_completion_values(completion_ids: torch.Tensor, completion_mask: torch.Tensor, vocab_size: int,
+                            max_completion_length: Optional[int]) -> None:
+    """The checks of papo_loss that read values, in one host transfer: completion_mask holds only 0 and 1 (or is
+    bool), ids are in [0, V) where the mask is on, and no response is longer than ``max_completion_length``."""
+    if completion_ids.numel() == 0:
+        return
+    on = completion_mask != 0
+    binary = torch.ones((), dtype=torch.bool, device=on.device) if completion_mask.dtype == torch.bool \
+        else ((completion_mask == 0) | (completion_mask == 1)).all()
+    low, high = torch.aminmax(completion_ids.where(on, 0).reshape(-1))
+    longest = on.sum(-1).max()
+    binary, low, high, longest = torch.stack([binary.long(), low.long(), high.long(), longest.long()]).tolist()
+    if not binary:
+        bad = completion_mask[(completion_mask != 0) & (completion_mask != 1)].reshape(-1)[0].item()
+        raise ValueError(f"completion_mask must be bool or hold only 0 and 1 (1 for response tokens), got {bad}")
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"completion_ids must hold ids in [0, {vocab_size}) (the vocabulary of weight) where "
+                         f"completion_mask is on, got id {bad}")
+    if max_completion_length is not None and longest > max_completion_length:
+        raise ValueError(f"max_completion_length must be at least the longest response ({longest} tokens in "
+                         f"completion_mask), got {max_completion_length}")

@@ -1,11 +1,21 @@
-"""The PAPO objective: clipped policy gradient, implicit perception loss and double entropy.
+"""``papo_loss``: the PAPO objective of a batch of responses, on one of two paths.
 
-Per response token (see shared PAPO_SPEC.md):
+Per response token (shared PAPO_SPEC.md, ``objective.py``):
 
     L_t = pg + beta * kl_ref - gamma * KL_prcp + eta_clean * H + eta_masked * H~
 
 aggregated over tokens by ``loss_type``. The perception KL is maximised (minus
 sign); both entropies are minimised.
+
+- The fast path (``fast_path/``) computes the loss and its gradient in one sweep over
+  row chunks: 12 N D V of matrix work, nothing recomputed. It is the default for training.
+- The per-token path applies the objective to the outputs of the LM-head ops
+  (``linear_logprobs``, ``linear_perception_kl``) and lets autograd do the rest; their
+  fused backwards recompute the logits (16 N D V). It serves evaluation under no_grad,
+  the ``reference`` backend, higher-order gradients and sequence-level importance sampling.
+
+Both apply the same per-token code, to the unmasked tokens only: whatever a masked
+position holds (padding ids, NaN advantages or hidden states) is never read.
 """
 
 import inspect
@@ -14,18 +24,23 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_float_tensor, check_int_tensor, check_number, check_same_device, check_shape
-from ._checks import check_linear_inputs, check_tensor
-from .backends import reference
+from ._checks import check_choice, check_completion_values, check_float_tensor, check_has_data, check_head
+from ._checks import check_hidden_masked
+from ._checks import check_int_tensor, check_number, check_positive_int, check_same_device, check_shape
+from ._checks import check_tensor
+from ._guards import no_autocast
+from .backends import BACKENDS, reference
+from .fast_path import DEFAULT_WORKSPACE_BYTES, EPILOGUES, FastPAPOLossFunction, FastPathCall, FastPathOptions
+from .fast_path import resolve_epilogue
+from .objective import ENTROPY_MODES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, PERCEPTION_KL_ESTIMATORS, Objective
+from .objective import Statistics, TokenBatch, Terms, aggregation_weights, token_losses
 from .ops.logprobs import compute_linear_logprobs
 from .ops.perception_kl import compute_linear_perception_kl
 
-PERCEPTION_KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
-ENTROPY_MODES = ("exact", "sampled")
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-
-LOG_RATIO_CLAMP = 20.0  # |log-ratio| bound before exp, as in the authors' code
-KL_VALUE_CLAMP = 10.0  # |k3| bound after, as in the authors' code
+PATHS = ("auto", "fast", "per_token")
+LOSS_BACKENDS = tuple(dict.fromkeys(BACKENDS + EPILOGUES))
+METRIC_NAMES = ("policy_loss", "clip_fraction_low", "clip_fraction_high", "perception_kl", "ref_kl", "entropy",
+                "entropy_masked", "ratio_mean")
 
 # Published settings (arXiv 2507.06448 and the authors' scripts). "grpo" and "dapo" are
 # the baselines of PAPO-G and PAPO-D with the PAPO terms off (gamma = eta = 0).
@@ -43,66 +58,15 @@ PRESETS: Dict[str, Dict[str, object]] = {
 }
 
 
-def sampled_kl(logprobs: Tensor, logprobs_other: Tensor, estimator: str) -> Tensor:
-    """Single-sample estimate of KL(p || q) from l = log p(y), l~ = log q(y), y ~ p.
-
-    With d = l~ - l: k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (Schulman's
-    low-variance estimator), d clamped to [-20, 20] before and k3 to [-10, 10] after.
-    """
-    d = logprobs_other - logprobs
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d * d
-    d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return (torch.exp(d) - d - 1.0).clamp(-KL_VALUE_CLAMP, KL_VALUE_CLAMP)
-
-
-def clipped_surrogate(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, epsilon_low: float, epsilon_high: float,
-    dual_clip: Optional[float],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """PPO's clipped objective per token; returns (pg, ratio, low-clipped, high-clipped).
-
-    pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), and with dual clip c,
-    pg = min(pg, -c A) where A < 0.
-    """
-    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    pg = torch.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        pg = torch.where(advantages < 0, torch.minimum(pg, -dual_clip * advantages), pg)
-    low_clipped = (ratio < 1.0 - epsilon_low) & (advantages < 0)
-    high_clipped = (ratio > 1.0 + epsilon_high) & (advantages > 0)
-    return pg, ratio, low_clipped, high_clipped
-
-
-def aggregate(per_token: Tensor, mask: Tensor, loss_type: str, max_completion_length, num_items_in_batch) -> Tensor:
-    """Reduce masked per-token losses to a scalar (names as in TRL and Liger-Kernel)."""
-    masked = torch.where(mask, per_token, torch.zeros_like(per_token))
-    weights = mask.to(per_token.dtype)
-    if loss_type == "grpo":
-        return (masked.sum(-1) / weights.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "bnpo":
-        return masked.sum() / weights.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        return masked.sum() / (mask.shape[0] * max_completion_length)
-    if num_items_in_batch is None:
-        normaliser = weights.sum()
-    else:
-        normaliser = torch.as_tensor(num_items_in_batch, dtype=per_token.dtype, device=per_token.device).reshape(())
-    return masked.sum() / normaliser.clamp(min=1.0)
-
-
 def _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked, masked_logprobs,
-                       old_logprobs, ref_logprobs, bias, epsilon_low, epsilon_high, dual_clip, beta, gamma,
-                       perception_kl, eta_clean, eta_masked, entropy, loss_type, max_completion_length,
-                       num_items_in_batch):
+                       old_logprobs, ref_logprobs, policy_weights, bias, hyperparameters) -> Dict[str, object]:
+    """Every check that needs no tensor values; returns the hyperparameters as validated Python values."""
     check_float_tensor("hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape (B, T, D), got {tuple(hidden.shape)}")
     batch_shape = hidden.shape[:2]
+    check_hidden_masked(hidden, hidden_masked)
+    check_head(hidden, weight, bias)
     check_int_tensor("completion_ids", completion_ids)
     check_shape("completion_ids", completion_ids, batch_shape, "(B, T) of hidden")
     check_tensor("completion_mask", completion_mask)
@@ -121,46 +85,121 @@ def _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantag
             "(precomputed, no gradient), got both"
         )
     for name, value in (("masked_logprobs", masked_logprobs), ("old_logprobs", old_logprobs),
-                        ("ref_logprobs", ref_logprobs)):
+                        ("ref_logprobs", ref_logprobs), ("policy_weights", policy_weights)):
         if value is not None:
             check_float_tensor(name, value)
             check_shape(name, value, batch_shape, "(B, T) of hidden")
-    check_same_device(hidden=hidden, weight=weight, completion_ids=completion_ids, completion_mask=completion_mask,
-                      advantages=advantages, hidden_masked=hidden_masked, masked_logprobs=masked_logprobs,
-                      old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, bias=bias)
-    check_number("epsilon_low", epsilon_low, low=0.0, high=1.0, high_open=True)
-    check_number("epsilon_high", epsilon_high, low=0.0)
-    if dual_clip is not None:
-        check_number("dual_clip", dual_clip, low=1.0, low_open=True)
-    check_number("beta", beta, low=0.0)
-    check_number("gamma", gamma)
-    check_number("eta_clean", eta_clean)
-    check_number("eta_masked", eta_masked)
-    check_choice("perception_kl", perception_kl, PERCEPTION_KL_ESTIMATORS)
-    check_choice("entropy", entropy, ENTROPY_MODES)
-    check_choice("loss_type", loss_type, LOSS_TYPES)
-    if perception_kl == "exact" and masked_logprobs is not None:
+    tensors = dict(hidden=hidden, weight=weight, completion_ids=completion_ids, completion_mask=completion_mask,
+                   advantages=advantages, hidden_masked=hidden_masked, masked_logprobs=masked_logprobs,
+                   old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, policy_weights=policy_weights, bias=bias)
+    num_items_in_batch = hyperparameters["num_items_in_batch"]
+    if isinstance(num_items_in_batch, Tensor):
+        tensors["num_items_in_batch"] = num_items_in_batch
+    check_same_device(**tensors)
+    check_has_data(hidden=hidden)
+
+    h = dict(hyperparameters)
+    h["temperature"] = check_number("temperature", h["temperature"], low=0.0, low_open=True)
+    h["epsilon_low"] = check_number("epsilon_low", h["epsilon_low"], low=0.0, high=1.0, high_open=True)
+    h["epsilon_high"] = check_number("epsilon_high", h["epsilon_high"], low=0.0)
+    if h["dual_clip"] is not None:
+        h["dual_clip"] = check_number("dual_clip", h["dual_clip"], low=1.0, low_open=True)
+    h["beta"] = check_number("beta", h["beta"], low=0.0)
+    for name in ("gamma", "eta_clean", "eta_masked"):
+        h[name] = check_number(name, h[name])
+    check_choice("perception_kl", h["perception_kl"], PERCEPTION_KL_ESTIMATORS)
+    check_choice("entropy", h["entropy"], ENTROPY_MODES)
+    check_choice("loss_type", h["loss_type"], LOSS_TYPES)
+    check_choice("importance_sampling_level", h["importance_sampling_level"], IMPORTANCE_SAMPLING_LEVELS)
+    check_choice("path", h["path"], PATHS)
+    check_choice("backend", h["backend"], LOSS_BACKENDS)
+    h["workspace_bytes"] = int(check_number("workspace_bytes", h["workspace_bytes"], low=1.0))
+    if h["perception_kl"] == "exact" and masked_logprobs is not None:
         raise ValueError(
             "perception_kl='exact' needs hidden_masked (the full masked distribution), got masked_logprobs; "
             "use perception_kl in ['k1', 'k2', 'k3'] with masked_logprobs"
         )
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
+    if h["loss_type"] == "dr_grpo":
+        if h["max_completion_length"] is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int), got None")
-        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) \
-                or max_completion_length <= 0:
-            raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError(f"beta > 0 needs ref_logprobs (log-probs under the reference policy), got beta={beta} "
+        h["max_completion_length"] = check_positive_int("max_completion_length", h["max_completion_length"])
+    if h["beta"] > 0 and ref_logprobs is None:
+        raise ValueError(f"beta > 0 needs ref_logprobs (log-probs under the reference policy), got beta={h['beta']} "
                          "and ref_logprobs=None")
     if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, "
-                                 f"got shape {tuple(num_items_in_batch.shape)}")
-            check_same_device(hidden=hidden, num_items_in_batch=num_items_in_batch)
-        else:
-            check_number("num_items_in_batch", num_items_in_batch, low=0.0)
+        h["num_items_in_batch"] = check_number("num_items_in_batch", num_items_in_batch, low=0.0, low_open=True)
+    return h
+
+
+def _token_batch(mask: Tensor, index: Tensor, advantages: Tensor, old_logprobs, ref_logprobs, masked_logprobs,
+                 policy_weights, dtype: torch.dtype, h: Dict[str, object]) -> TokenBatch:
+    """The gradient-free per-token inputs at the unmasked positions ``index`` (flat), in ``dtype``."""
+    def at_tokens(value: Optional[Tensor]) -> Optional[Tensor]:
+        return None if value is None else value.detach().reshape(-1)[index].to(dtype)
+
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand(mask.shape)
+    sequence_ids = torch.div(index, mask.shape[1], rounding_mode="floor")
+    weights = aggregation_weights(mask, sequence_ids, h["loss_type"], dtype, h["max_completion_length"],
+                                  h["num_items_in_batch"])
+    return TokenBatch(advantages=at_tokens(advantages), aggregation_weights=weights, sequence_ids=sequence_ids,
+                      num_sequences=mask.shape[0], old_logprobs=at_tokens(old_logprobs),
+                      ref_logprobs=at_tokens(ref_logprobs), masked_logprobs=at_tokens(masked_logprobs),
+                      policy_weights=at_tokens(policy_weights))
+
+
+def _choose_path(h: Dict[str, object], wants_grad: bool) -> str:
+    """``auto``: the fast path when a gradient is wanted and nothing needs the per-token path."""
+    per_token_only = h["backend"] == "reference" or h["importance_sampling_level"] == "sequence"
+    if h["path"] == "fast":
+        if h["backend"] not in EPILOGUES:
+            raise ValueError(f"path='fast' computes with an epilogue, one of backend {list(EPILOGUES)}, "
+                             f"got backend={h['backend']!r}; use path='per_token' for it")
+        if h["importance_sampling_level"] == "sequence":
+            raise ValueError("path='fast' needs every token's gradient from its own statistics, which "
+                             "importance_sampling_level='sequence' couples across a sequence; use path='auto' or "
+                             "'per_token'")
+        return "fast"
+    if h["path"] == "per_token":
+        if h["backend"] not in BACKENDS:
+            raise ValueError(f"path='per_token' runs the LM-head ops, backend one of {list(BACKENDS)}, "
+                             f"got backend={h['backend']!r}")
+        return "per_token"
+    return "fast" if wants_grad and not per_token_only else "per_token"
+
+
+def _per_token_path(hidden, hidden_masked, weight, bias, tokens, batch: TokenBatch, objective: Objective,
+                    temperature: float, backend: str) -> Tuple[Tensor, Terms]:
+    if hidden_masked is not None:
+        paired = compute_linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, temperature, backend)
+        stats = Statistics(paired.logprobs, paired.entropy, paired.logprobs_masked, paired.entropy_masked, paired.kl)
+    else:
+        stats = Statistics(*compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend))
+    losses, terms = token_losses(stats, batch, objective)
+    return (batch.aggregation_weights * losses).sum(), terms
+
+
+def _fast_path(hidden, hidden_masked, weight, bias, tokens, batch: TokenBatch, objective: Objective,
+               h: Dict[str, object], wants_grad: bool) -> Tuple[Tensor, Terms]:
+    epilogue = resolve_epilogue(h["backend"], hidden.device, hidden.dtype)
+    options = FastPathOptions(h["temperature"], h["workspace_bytes"], epilogue.NAME)
+    call = FastPathCall(tokens, batch, objective, options, epilogue, wants_grad)
+    loss, *terms = FastPAPOLossFunction.apply(hidden, hidden_masked, weight, bias, call)
+    return loss, Terms(*terms)
+
+
+def _metrics(terms: Terms, count: int, dtype: torch.dtype, device: torch.device) -> Dict[str, Tensor]:
+    """Token means over the unmasked tokens (0 where there are none or the term is absent), and their count."""
+    zero = torch.zeros((), dtype=dtype, device=device)
+
+    def token_mean(value: Optional[Tensor]) -> Tensor:
+        return zero if value is None or count == 0 else value.detach().to(dtype).sum() / count
+
+    values = (terms.policy, terms.low_clipped, terms.high_clipped, terms.perception, terms.ref_kl, terms.entropy,
+              terms.entropy_masked, terms.ratio)
+    metrics = {name: token_mean(value) for name, value in zip(METRIC_NAMES, values)}
+    metrics["tokens"] = torch.tensor(float(count), dtype=dtype, device=device)
+    return metrics
 
 
 def papo_loss(
@@ -174,6 +213,7 @@ def papo_loss(
     masked_logprobs: Optional[Tensor] = None,
     old_logprobs: Optional[Tensor] = None,
     ref_logprobs: Optional[Tensor] = None,
+    policy_weights: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     temperature: float = 1.0,
     epsilon_low: float = 0.2,
@@ -186,29 +226,36 @@ def papo_loss(
     eta_masked: float = 0.03,
     entropy: str = "exact",
     loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
+    path: str = "auto",
     backend: str = "auto",
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The PAPO loss of a batch of responses, straight from final hidden states.
 
     Per token, with l = log p(y) from ``hidden`` and l~ = log q(y) from the masked pass:
-    ``L = pg + beta * kl_ref - gamma * KL_prcp + eta_clean * H + eta_masked * H~``, where pg is
-    PPO's clipped surrogate of r = exp(l - l_old), kl_ref the k3 estimate against the
-    reference policy, KL_prcp the perception KL(p || q) (maximised), and H, H~ the
-    entropies of both passes (minimised). Masked-out tokens contribute nothing.
+    ``L = w pg + beta * kl_ref - gamma * KL_prcp + eta_clean * H + eta_masked * H~``, where pg is
+    PPO's clipped surrogate of r = exp(l - l_old), w the optional policy weight, kl_ref the k3
+    estimate against the reference policy, KL_prcp the perception KL(p || q) (maximised), and
+    H, H~ the entropies of both passes (minimised). Masked-out tokens contribute nothing and
+    are never read.
 
     Defaults are PAPO-D's published setting (DAPO, arXiv 2507.06448: eps 0.2/0.28,
     gamma 0.01, eta 0.03 for both entropies, beta 0, token-mean), except that dual clip
     is off; ``PRESETS["papo_d"]`` and ``PRESETS["papo_g"]`` give the paper's settings
     in full, dual clip c = 3 included.
 
+    Logits and every reduction are float32 (float64 for float64 inputs) with the inputs in
+    their own dtype, under ``torch.autocast`` exactly as without it.
+
     Args:
         hidden: ``(B, T, D)`` final hidden states (after the final norm) of the clean pass,
             aligned so that position t predicts ``completion_ids[:, t]``.
         weight: ``(V, D)`` LM-head weight.
         completion_ids: ``(B, T)`` sampled response tokens, ids in ``[0, V)`` where the mask is on.
-        completion_mask: ``(B, T)``; nonzero for real response tokens, 0 for padding.
+        completion_mask: ``(B, T)``; bool, or 0/1 (1 for real response tokens, 0 for padding).
         advantages: ``(B,)`` per sequence or ``(B, T)`` per token.
         hidden_masked: ``(B, T, D)`` the same positions on the masked image; gradient flows
             through both passes (this package's default way).
@@ -217,6 +264,8 @@ def papo_loss(
             terms (gamma, eta_clean, eta_masked) are off and this is plain GRPO/DAPO.
         old_logprobs: ``(B, T)`` log-probs of the rollout policy; None means on-policy (r = 1).
         ref_logprobs: ``(B, T)`` log-probs of the reference policy; needed when beta > 0.
+        policy_weights: ``(B, T)`` gradient-free weights of the policy-gradient term per token
+            (TRL's importance-sampling correction of vLLM rollouts, top-entropy or off-policy masks).
         bias: optional ``(V,)`` LM-head bias.
         temperature: sampling temperature; logits are divided by it. > 0.
         epsilon_low, epsilon_high: clip range of the ratio, [1 - eps_low, 1 + eps_high].
@@ -232,91 +281,59 @@ def papo_loss(
         loss_type: ``"grpo"`` (mean over sequences of token means), ``"bnpo"`` (token mean of
             the local batch), ``"dapo"`` (token sum / ``num_items_in_batch``) or ``"dr_grpo"``
             (token sum / (B * ``max_completion_length``)).
-        max_completion_length: needed by ``dr_grpo``.
-        num_items_in_batch: response tokens in the whole generation batch, for ``dapo``;
-            None uses the local count. Under DDP, which averages gradients, pass it divided
-            by the number of processes.
-        backend: ``"auto"`` or one of ``papo_kernels.BACKENDS``.
+        importance_sampling_level: ``"token"`` (PPO's per-token ratio) or ``"sequence"`` (GSPO:
+            the log-ratio averaged over each sequence's tokens; runs the per-token path).
+        max_completion_length: needed by ``dr_grpo``; at least the longest response.
+        num_items_in_batch: response tokens in the whole generation batch, for ``dapo``, a number
+            > 0 (or a one-element tensor); None uses the local count. Under DDP, which averages
+            gradients, pass it divided by the number of processes.
+        path: ``"auto"`` (the fast path when a gradient is wanted, else the per-token ops),
+            ``"fast"`` or ``"per_token"``.
+        backend: ``"auto"``; for the per-token path one of ``papo_kernels.BACKENDS``
+            (``"reference"`` always takes the per-token path), for the fast path the epilogue,
+            ``"torch"`` or ``"triton"``.
+        workspace_bytes: the fast path's budget for its logits chunk and the epilogue's
+            temporaries (256 MiB by default).
 
     Returns:
         ``(loss, metrics)``: the scalar loss and a dict of detached 0-dim tensors, means
         over the unmasked tokens: ``policy_loss``, ``clip_fraction_low``, ``clip_fraction_high``,
-        ``perception_kl``, ``ref_kl``, ``entropy``, ``entropy_masked``, ``ratio_mean``.
+        ``perception_kl``, ``ref_kl``, ``entropy``, ``entropy_masked``, ``ratio_mean``, and
+        ``tokens``, their number, so that ``sum(mean * tokens) / sum(tokens)`` combines
+        micro-batches and processes.
     """
-    _check_papo_inputs(
-        hidden, weight, completion_ids, completion_mask, advantages, hidden_masked, masked_logprobs, old_logprobs,
-        ref_logprobs, bias, epsilon_low, epsilon_high, dual_clip, beta, gamma, perception_kl, eta_clean, eta_masked,
-        entropy, loss_type, max_completion_length, num_items_in_batch)
-    mask = completion_mask != 0
-    # A safe token where the mask is off, so padding ids (-100, say) never reach the head; ids are
-    # checked only where the mask is on.
-    tokens = completion_ids.where(mask, 0)
-    temperature = check_linear_inputs(hidden, weight, tokens, bias, temperature, hidden_masked=hidden_masked,
-                                      tokens_name="completion_ids")
-    dtype = reference.compute_dtype(hidden.dtype)
+    hyperparameters = dict(
+        temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
+        gamma=gamma, perception_kl=perception_kl, eta_clean=eta_clean, eta_masked=eta_masked, entropy=entropy,
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, path=path,
+        backend=backend, workspace_bytes=workspace_bytes)
+    h = _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked,
+                           masked_logprobs, old_logprobs, ref_logprobs, policy_weights, bias, hyperparameters)
+    check_completion_values(completion_ids, completion_mask, weight.shape[0], h["max_completion_length"])
+    differentiable = (hidden, hidden_masked, weight, bias)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    chosen_path = _choose_path(h, wants_grad)
 
-    def gradient_free(value: Optional[Tensor]) -> Optional[Tensor]:
-        """Inputs that carry no gradient, zeroed where masked so a -inf or NaN there cannot leak."""
-        return None if value is None else value.detach().to(dtype).where(mask, 0.0)
-
-    old_logprobs, ref_logprobs, masked_logprobs = map(gradient_free, (old_logprobs, ref_logprobs, masked_logprobs))
-    advantages = advantages.detach().to(dtype)
-    if advantages.dim() == 1:
-        advantages = advantages[:, None].expand_as(tokens)
-
-    use_papo = hidden_masked is not None or masked_logprobs is not None
-    if hidden_masked is not None:
-        stats = compute_linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, temperature, backend)
-        logprobs, logprobs_masked = stats.logprobs, stats.logprobs_masked
-        entropy_clean, entropy_masked, exact_kl = stats.entropy, stats.entropy_masked, stats.kl
-    else:
-        logprobs, entropy_clean = compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend)
-        logprobs_masked, exact_kl = masked_logprobs, None
-        entropy_masked = None if masked_logprobs is None else -masked_logprobs
-    if entropy == "sampled":
-        entropy_clean = -logprobs
-        entropy_masked = None if logprobs_masked is None else -logprobs_masked
-
-    if old_logprobs is None:
-        old_logprobs = logprobs.detach()
-    pg, ratio, low_clipped, high_clipped = clipped_surrogate(
-        logprobs, old_logprobs, advantages, epsilon_low, epsilon_high, dual_clip)
-    per_token = pg
-
-    zero = torch.zeros_like(logprobs)
-    ref_kl = zero
-    if ref_logprobs is not None:
-        ref_kl = sampled_kl(logprobs, ref_logprobs, "k3")
-        if beta > 0:
-            per_token = per_token + beta * ref_kl
-
-    perception = zero
-    if use_papo:
-        perception = exact_kl if perception_kl == "exact" else sampled_kl(logprobs, logprobs_masked, perception_kl)
-        # A term joins the graph only with a nonzero coefficient: its output then gets no upstream
-        # gradient, and the fused backends skip its work (the masked pass, with gamma = eta_masked = 0).
-        for coefficient, term in ((-gamma, perception), (eta_clean, entropy_clean), (eta_masked, entropy_masked)):
-            if coefficient != 0:
-                per_token = per_token + coefficient * term
-
-    loss = aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
-
-    token_count = mask.sum().clamp(min=1)
-
-    def token_mean(value: Tensor) -> Tensor:
-        return torch.where(mask, value.detach().to(dtype), 0.0).sum() / token_count
-
-    metrics = {
-        "policy_loss": token_mean(pg),
-        "clip_fraction_low": token_mean(low_clipped),
-        "clip_fraction_high": token_mean(high_clipped),
-        "perception_kl": token_mean(perception),
-        "ref_kl": token_mean(ref_kl),
-        "entropy": token_mean(entropy_clean),
-        "entropy_masked": token_mean(entropy_masked if entropy_masked is not None else zero),
-        "ratio_mean": token_mean(ratio),
-    }
-    return loss, metrics
+    with no_autocast(hidden.device):
+        mask = completion_mask != 0
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        dtype = reference.compute_dtype(hidden.dtype)
+        batch = _token_batch(mask, index, advantages, old_logprobs, ref_logprobs, masked_logprobs, policy_weights,
+                             dtype, h)
+        objective = Objective(h["epsilon_low"], h["epsilon_high"], h["dual_clip"], h["beta"], h["gamma"],
+                              h["perception_kl"], h["eta_clean"], h["eta_masked"], h["entropy"],
+                              h["importance_sampling_level"])
+        dim = hidden.shape[-1]
+        rows = hidden.reshape(-1, dim)[index]
+        rows_masked = None if hidden_masked is None else hidden_masked.reshape(-1, dim)[index]
+        tokens = completion_ids.reshape(-1)[index].long()
+        if chosen_path == "fast":
+            loss, terms = _fast_path(rows, rows_masked, weight, bias, tokens, batch, objective, h, wants_grad)
+        else:
+            loss, terms = _per_token_path(rows, rows_masked, weight, bias, tokens, batch, objective,
+                                          h["temperature"], h["backend"])
+        return loss, _metrics(terms, index.numel(), dtype, hidden.device)
 
 
 class PAPOLoss(nn.Module):

@@ -1,4 +1,5 @@
-"""papo_loss end to end on the torch and triton backends against the reference backend: loss, metrics, gradients."""
+"""papo_loss end to end on the torch and triton backends, on both paths, against the reference backend: loss,
+metrics, gradients. (The fast path takes the backend as its epilogue; the per-token path as its LM-head ops.)"""
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def make_batch(dtype, device, seed=0):
             for name, t in batch.items()}
 
 
-def loss_and_grads(batch, setting, backend):
+def loss_and_grads(batch, setting, backend, path="auto"):
     options = dict(setting)
     leaves = {name: batch[name].detach().clone().requires_grad_() for name in ("hidden", "weight")}
     for name in TENSOR_OPTIONS:
@@ -51,16 +52,17 @@ def loss_and_grads(batch, setting, backend):
             if wants_grad:
                 leaves[name] = options[name]
     loss, metrics = papo_loss(leaves["hidden"], leaves["weight"], batch["completion_ids"], batch["completion_mask"],
-                              batch["advantages"], backend=backend, **options)
+                              batch["advantages"], backend=backend, path=path, **options)
     loss.backward()
     grads = {name: None if leaf.grad is None else leaf.grad.cpu().double() for name, leaf in leaves.items()}
     return loss.detach().cpu().double(), {k: v.cpu().double() for k, v in metrics.items()}, grads
 
 
+@pytest.mark.parametrize("path", ["fast", "per_token"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_torch_backend_loss_matches_reference(setting):
+def test_torch_backend_loss_matches_reference(setting, path):
     batch = make_batch(torch.float64, "cpu")
-    loss, metrics, grads = loss_and_grads(batch, SETTINGS[setting], "torch")
+    loss, metrics, grads = loss_and_grads(batch, SETTINGS[setting], "torch", path)
     ref_loss, ref_metrics, ref_grads = loss_and_grads(batch, SETTINGS[setting], "reference")
     assert_close("loss", loss, ref_loss, rtol=1e-10, atol=1e-12)
     for name in ref_metrics:
@@ -69,12 +71,13 @@ def test_torch_backend_loss_matches_reference(setting):
         assert_close(f"grad of {name}", grads[name], ref_grads[name], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["fast", "per_token"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_triton_backend_loss_matches_reference(setting):
+def test_triton_backend_loss_matches_reference(setting, path):
     """float32 triton against the float64 truth, within 4x the float32 reference's error (+ a few ulps)."""
     truth = loss_and_grads(make_batch(torch.float64, "cpu"), SETTINGS[setting], "reference")
     same_dtype = loss_and_grads(make_batch(torch.float32, "cpu"), SETTINGS[setting], "reference")
-    kernel = loss_and_grads(make_batch(torch.float32, triton_device()), SETTINGS[setting], "triton")
+    kernel = loss_and_grads(make_batch(torch.float32, triton_device()), SETTINGS[setting], "triton", path)
     check = dict(factor=4.0, atol=4e-7)
     assert_within_budget("loss", kernel[0], same_dtype[0], truth[0], **check)
     for name in truth[1]:

@@ -261,7 +261,8 @@ def test_metrics_report_the_token_means():
                                               batch["completion_ids"], bias=batch["bias"], temperature=0.9)
     mask = batch["completion_mask"] != 0
     assert set(metrics) == {"policy_loss", "clip_fraction_low", "clip_fraction_high", "perception_kl", "ref_kl",
-                            "entropy", "entropy_masked", "ratio_mean"}
+                            "entropy", "entropy_masked", "ratio_mean", "tokens"}
+    assert float(metrics["tokens"]) == float(mask.sum())
     assert float(metrics["perception_kl"]) == pytest.approx(float(stats.kl[mask].mean()), rel=1e-12)
     assert float(metrics["entropy"]) == pytest.approx(float(stats.entropy[mask].mean()), rel=1e-12)
     assert float(metrics["entropy_masked"]) == pytest.approx(float(stats.entropy_masked[mask].mean()), rel=1e-12)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import papo_kernels
-from papo_kernels.loss import sampled_kl
+from papo_kernels.objective import sampled_kl
 
 
 def numpy_statistics(hidden, weight, bias, tokens, temperature):

@@ -1,0 +1,23 @@
+"""The fast path of ``papo_loss``: the gradient computed inside the forward, one row chunk at a time.
+
+The layers, top to bottom (shared STYLE.md):
+
+1. ``chunk_loop.py``: sizes the chunk from the workspace budget, calls the matrix products
+   of the device's library and the epilogue, accumulates the gradients; nothing device-specific;
+2. ``epilogues/``: one per device, one contract (``epilogues/contract.py``): a logits chunk
+   in, per-row statistics and then dZ out (Triton on CUDA, plain torch everywhere);
+3. ``function.py``: the ``autograd.Function`` that runs the loop in forward and scales the
+   stored gradients in backward;
+4. the public function stays ``papo_kernels.papo_loss``, which picks this path for training.
+
+Matrix work is 12 N D V for N tokens and a vocabulary of V (2 N D V forward and 4 N D V
+backward per pass, two passes), against 16 N D V for the per-token ops, whose backward
+recomputes the logits.
+"""
+
+from .chunk_loop import DEFAULT_WORKSPACE_BYTES, FastPathOptions
+from .epilogues import EPILOGUES, resolve_epilogue
+from .function import FastPAPOLossFunction, FastPathCall
+
+__all__ = ["DEFAULT_WORKSPACE_BYTES", "EPILOGUES", "FastPAPOLossFunction", "FastPathCall", "FastPathOptions",
+           "resolve_epilogue"]

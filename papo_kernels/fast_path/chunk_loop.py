@@ -1,0 +1,194 @@
+"""The chunk loop of the fast path: the loss and its gradient in one sweep over the tokens.
+
+Per chunk of C tokens (shared STYLE.md, "a path built from library products and an epilogue"):
+
+1. one matrix product by the device's library, ``logits = [h; h~] @ W^T`` (2C x V, float32
+   results; the clean and masked rows of the chunk stacked);
+2. the epilogue's first sweep: per-token statistics (l, H, l~, H~, KL);
+3. the per-token upstream gradients, by autograd on the chunk's small per-token graph of
+   ``objective.token_losses`` over the detached statistics: the objective is written once;
+4. the epilogue's second sweep: dZ, the gradient with respect to the raw logits, in place;
+5. ``d[h; h~] = dZ @ W`` written into the chunk's rows of the hidden gradients, and
+   ``dW += dZ^T @ [h; h~]`` into one float32 (V, D) accumulator (the gradient itself when
+   W is float32), ``db += sum_rows dZ``.
+
+Matrix work: 2 x 2CDV per chunk forward, 2 x 2 x 2CDV backward, so 12 N D V for N tokens,
+nothing recomputed. Memory besides the gradients: the logits workspace (R x V in float32,
+R = 2C, sized from ``workspace_bytes``), the epilogue's temporaries (counted in the same
+budget), a half-precision dZ buffer for half inputs on CUDA (also counted), and the float32
+dW accumulator.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..backends.reference import compute_dtype
+from ..objective import Objective, Statistics, TokenBatch, Terms, token_losses
+from .epilogues.contract import RowStatistics, UpstreamGradients
+
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class FastPathOptions:
+    temperature: float
+    workspace_bytes: int
+    epilogue: str  # a resolved epilogue name: "torch", "triton" or "native"
+
+
+class FastPathResult(NamedTuple):
+    loss: Tensor  # 0-dim, sum_t a_t L_t
+    terms: Terms  # per token, for the metrics
+    grad_hidden: Optional[Tensor]
+    grad_hidden_masked: Optional[Tensor]
+    grad_weight: Optional[Tensor]
+    grad_bias: Optional[Tensor]
+
+
+def _native_half_products(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the library multiplies half inputs into float32 results directly (CUDA, torch >= 2.8)."""
+    return device.type == "cuda" and dtype in HALF_DTYPES and hasattr(torch.ops.aten.mm, "dtype_out")
+
+
+class MatrixProducts:
+    """The three products of the chunk loop, by the device's library, with float32 (or float64) results.
+
+    Half inputs on CUDA multiply as they are into float32 results (``out_dtype``). Elsewhere
+    (CPU; CUDA with torch < 2.8) half inputs are multiplied in float32, from one float32 copy
+    of the weight made per call.
+    """
+
+    def __init__(self, weight: Tensor):
+        self.result_dtype = compute_dtype(weight.dtype)
+        self.native_half = _native_half_products(weight.device, weight.dtype)
+        self.input_dtype = weight.dtype if self.native_half else self.result_dtype
+        self.weight = weight.to(self.input_dtype)
+
+    def logits(self, rows: Tensor, out: Tensor) -> Tensor:
+        """out = rows @ W^T."""
+        if self.native_half:
+            return torch.mm(rows, self.weight.T, out_dtype=self.result_dtype, out=out)
+        return torch.mm(rows.to(self.input_dtype), self.weight.T, out=out)
+
+    def grad_rows(self, dz: Tensor, out: Tensor) -> None:
+        """out = dz @ W, in out's dtype."""
+        if out.dtype == self.input_dtype:
+            torch.mm(dz, self.weight, out=out)
+        else:
+            out.copy_(torch.mm(dz, self.weight))
+
+    def accumulate_grad_weight(self, accumulator: Tensor, dz: Tensor, rows: Tensor) -> None:
+        """accumulator += dz^T @ rows, accumulated in float32 (``out=`` rather than ``addmm_``, which torch's
+        FLOP counter does not see)."""
+        if self.native_half:
+            torch.addmm(accumulator, dz.T, rows, out_dtype=self.result_dtype, out=accumulator)
+        else:
+            torch.addmm(accumulator, dz.T, rows.to(self.input_dtype), out=accumulator)
+
+
+def rows_per_chunk(n: int, vocab_size: int, dim: int, paired: bool, itemsize: int, half_dz: bool,
+                   epilogue_bytes_per_token: int, workspace_bytes: int) -> int:
+    """The most tokens per chunk whose workspace fits ``workspace_bytes`` (at least 1)."""
+    passes = 2 if paired else 1
+    per_token = passes * vocab_size * itemsize + epilogue_bytes_per_token + passes * dim * itemsize
+    if half_dz:
+        per_token += passes * vocab_size * 2
+    return max(1, min(n, workspace_bytes // per_token))
+
+
+def _detached_statistics(row_stats: RowStatistics, wants_grad: bool) -> Statistics:
+    def leaf(value: Optional[Tensor]) -> Optional[Tensor]:
+        return None if value is None else value.detach().requires_grad_(wants_grad)
+
+    return Statistics(leaf(row_stats.logprobs), leaf(row_stats.entropy), leaf(row_stats.logprobs_masked),
+                      leaf(row_stats.entropy_masked), leaf(row_stats.kl))
+
+
+def chunk_objective(row_stats: RowStatistics, batch: TokenBatch, objective: Objective,
+                    wants_grad: bool) -> Tuple[Tensor, Terms, Optional[UpstreamGradients]]:
+    """The chunk's share of the loss, its terms, and d loss / d statistics per token (autograd on the
+    per-token graph of ``token_losses``; None for a statistic the loss does not use)."""
+    stats = _detached_statistics(row_stats, wants_grad)
+    with torch.enable_grad() if wants_grad else torch.no_grad():
+        losses, terms = token_losses(stats, batch, objective)
+        total = (batch.aggregation_weights * losses).sum()
+    terms = Terms(*(None if term is None else term.detach() for term in terms))
+    if not (wants_grad and total.requires_grad):
+        return total.detach(), terms, None
+    leaves = [s for s in stats if s is not None]
+    grads = iter(torch.autograd.grad(total, leaves, allow_unused=True))
+    upstream = UpstreamGradients(*(None if s is None else next(grads) for s in stats))
+    return total.detach(), terms, upstream
+
+
+def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+               tokens: Tensor, batch: TokenBatch, objective: Objective, options: FastPathOptions, epilogue,
+               needs_grad: Tuple[bool, bool, bool, bool]) -> FastPathResult:
+    """The loss over the tokens and, where ``needs_grad`` (hidden, hidden_masked, weight, bias) asks, its
+    gradients; hidden and hidden_masked are (n, D), tokens (n,), batch holds the n tokens' inputs."""
+    n, dim = hidden.shape
+    vocab_size = weight.shape[0]
+    paired = hidden_masked is not None
+    needs_hidden, needs_hidden_masked, needs_weight, needs_bias = needs_grad
+    wants_grad = any(needs_grad)
+    products = MatrixProducts(weight)
+    result_dtype = products.result_dtype
+    itemsize = torch.finfo(result_dtype).bits // 8
+    half_dz = wants_grad and products.native_half
+    chunk = rows_per_chunk(n, vocab_size, dim, paired, itemsize, half_dz,
+                           epilogue.workspace_bytes_per_token(vocab_size, paired, itemsize), options.workspace_bytes)
+    passes = 2 if paired else 1
+    device = hidden.device
+    logits_buffer = torch.empty(passes * chunk, vocab_size, dtype=result_dtype, device=device)
+    dz_buffer = torch.empty(passes * chunk, vocab_size, dtype=weight.dtype, device=device) if half_dz else None
+
+    # The hidden gradients are made at the first chunk that sends gradient to their pass: a pass whose
+    # statistics the loss does not use gets None, as autograd would give it.
+    grad_hidden = grad_hidden_masked = None
+    weight_is_result = weight.dtype == result_dtype
+    grad_weight = torch.zeros(weight.shape, dtype=result_dtype, device=device) if needs_weight else None
+    grad_bias = torch.zeros(vocab_size, dtype=result_dtype, device=device) if needs_bias else None
+
+    loss = torch.zeros((), dtype=result_dtype, device=device)
+    chunk_terms = []
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        count = rows.stop - rows.start
+        chunk_rows = torch.cat([hidden[rows], hidden_masked[rows]]) if paired else hidden[rows]
+        logits = products.logits(chunk_rows, out=logits_buffer[:passes * count])
+        row_stats = epilogue.statistics(logits, tokens[rows], bias, options.temperature, paired)
+        total, terms, upstream = chunk_objective(row_stats, batch.rows(rows), objective, wants_grad)
+        loss += total
+        chunk_terms.append(terms)
+        if upstream is None or not (upstream.clean or upstream.masked):
+            continue
+        dz = logits if dz_buffer is None else dz_buffer[:passes * count]
+        epilogue.logit_gradient(logits, tokens[rows], bias, options.temperature, row_stats, upstream, dz)
+        # Rows of a pass without gradient are skipped: [clean rows | masked rows] of dz and chunk_rows.
+        first = 0 if upstream.clean else count
+        last = passes * count if paired and upstream.masked else count
+        if needs_hidden and upstream.clean:
+            grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else grad_hidden
+            products.grad_rows(dz[:count], out=grad_hidden[rows])
+        if needs_hidden_masked and upstream.masked:
+            grad_hidden_masked = torch.zeros_like(hidden_masked) if grad_hidden_masked is None else grad_hidden_masked
+            products.grad_rows(dz[count:], out=grad_hidden_masked[rows])
+        if needs_weight:
+            products.accumulate_grad_weight(grad_weight, dz[first:last], chunk_rows[first:last])
+        if needs_bias:
+            grad_bias += dz[first:last].sum(0, dtype=result_dtype)
+
+    if not chunk_terms:  # no tokens: the (empty) terms of an empty chunk
+        empty = hidden.new_empty(0, dtype=result_dtype)
+        _, terms, _ = chunk_objective(RowStatistics(*[empty] * (7 if paired else 3)), batch, objective, False)
+        chunk_terms.append(terms)
+    terms = Terms(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunk_terms)))
+    if grad_weight is not None and not weight_is_result:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return FastPathResult(loss, terms, grad_hidden, grad_hidden_masked, grad_weight, grad_bias)

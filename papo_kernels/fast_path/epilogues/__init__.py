@@ -1,0 +1,37 @@
+"""The epilogues of the fast path, one per device, with one contract (``contract.py``).
+
+- ``triton``: two Triton kernels (statistics, then dZ); CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (float32 and float64 logits are not mixed: float64 inputs go to torch).
+- ``torch``: plain PyTorch ops; anywhere; the tests' second opinion.
+- ``auto``: ``triton`` on CUDA when Triton imports (not for float64), ``torch`` elsewhere.
+
+Triton is imported only when its epilogue is asked for.
+"""
+
+import torch
+
+from ..._checks import check_choice
+from ...backends import TRITON_DTYPES, _triton_importable, _triton_interpreted
+from . import torch_epilogue
+
+EPILOGUES = ("auto", "torch", "triton")
+
+
+def resolve_epilogue(name: str, device: torch.device, dtype: torch.dtype):
+    """The epilogue module for ``name``; ``auto`` picks the best one for inputs of ``device`` and ``dtype``."""
+    check_choice("backend", name, EPILOGUES)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and dtype in TRITON_DTYPES and _triton_importable() else "torch"
+    if name == "torch":
+        return torch_epilogue
+    if not _triton_importable():
+        raise ValueError("backend='triton' needs the triton package, which does not import here; use backend='torch'")
+    if device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(f"backend='triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 set "
+                         f"before triton is imported), got tensors on {device}; use backend='torch' there")
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' computes in float16, bfloat16 or float32, got {dtype}; "
+                         "use backend='torch' for float64")
+    from . import triton_epilogue
+
+    return triton_epilogue
