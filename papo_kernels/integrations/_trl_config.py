@@ -7,11 +7,10 @@ from typing import Any, Dict, Optional
 from trl import GRPOConfig
 
 from ..backends import BACKENDS
-from ..loss import ENTROPY_MODES, LOSS_TYPES, PERCEPTION_KL_ESTIMATORS, PRESETS
+from ..loss import ENTROPY_MODES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, PERCEPTION_KL_ESTIMATORS, PRESETS
 
 MASK_TARGETS = ("image", "pixel_values")
 GAMMA_SCHEDULES = ("fixed", "linear")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 # papo_loss keyword -> PAPOConfig field, for the presets (TRL's names for the GRPO settings).
 PRESET_FIELDS = {"epsilon_low": "epsilon", "epsilon_high": "epsilon_high", "dual_clip": "delta", "beta": "beta",
                  "gamma": "gamma", "eta_clean": "eta_clean", "eta_masked": "eta_masked",

@@ -107,6 +107,10 @@ class PAPOTrainer(GRPOTrainer):
         if "image_grid_thw" not in output or "num_images" not in output:
             raise ValueError("PAPOTrainer needs image prompts of a Qwen-VL model (pixel_values with image_grid_thw); "
                              f"the batch holds {sorted(output)}")
+        without_image = [index for index, count in enumerate(output["num_images"]) if count == 0]
+        if without_image:
+            raise ValueError(f"PAPOTrainer needs at least one image per prompt; prompts {without_image} of the batch "
+                             "have none (an 'image' or 'images' column)")
         masked = self._masked_pixel_values(inputs, output)
         if self.args.masked_gradient:
             rows = output["image_grid_thw"].prod(-1).tolist()
@@ -125,15 +129,14 @@ class PAPOTrainer(GRPOTrainer):
         seed = group_generator(self.args.seed, TRAIN if training else EVAL, self.state.global_step,
                                self._mask_rounds).initial_seed()
         self._mask_rounds += 1
-        images = _prompt_images(inputs)
         image_processor = self.processing_class.image_processor
         clean = output["pixel_values"]
         if self.args.mask_target == "pixel_values":
             return mask_pixel_values_by_group(clean, output["image_grid_thw"], group_ids, seed, image_processor,
                                               images_per_sample=output["num_images"],
                                               probability=self.args.mask_probability)
-        masked_images = mask_images_by_group(images, group_ids, seed, probability=self.args.mask_probability,
-                                             cell=self.args.mask_cell)
+        masked_images = mask_images_by_group(_prompt_images(inputs), group_ids, seed,
+                                             probability=self.args.mask_probability, cell=self.args.mask_cell)
         flat = [image for sample in masked_images for image in sample]
         masked = image_processor(images=flat, return_tensors="pt")["pixel_values"].to(clean.device, clean.dtype)
         if masked.shape != clean.shape:
@@ -285,16 +288,10 @@ def _spans(counts: List[int]) -> List[Tuple[int, int]]:
 
 
 def _prompt_images(inputs: List[dict]) -> List[list]:
-    """The images of each prompt of TRL's batch (its ``images`` or ``image`` column)."""
+    """The images of each prompt of TRL's batch (its ``images`` or ``image`` column), as TRL reads them."""
     if "images" in inputs[0]:
-        images = [example.get("images") for example in inputs]
-    else:
-        images = [[example["image"]] if example.get("image") is not None else None for example in inputs]
-    for index, sample in enumerate(images):
-        if not sample:
-            raise ValueError(f"PAPOTrainer needs at least one image per prompt; prompt {index} of the batch has none "
-                             "(an 'image' or 'images' column)")
-    return images
+        return [example["images"] for example in inputs]
+    return [[example["image"]] for example in inputs]
 
 
 def _take_samples(inputs: Dict[str, Optional[Tensor]], num_images: Optional[List[int]], start: int,

@@ -89,10 +89,11 @@ def test_trainer_refuses_what_it_cannot_honour(tmp_path):
                     args=PAPOConfig(**common_fields(processor, tmp_path)), processing_class=processor.tokenizer)
 
 
-def test_papo_kernels_never_imports_trl():
-    result = run_python("import sys, papo_kernels, papo_kernels.integrations; print('trl' in sys.modules)")
+def test_papo_kernels_never_imports_trl_or_pillow():
+    result = run_python("import sys, papo_kernels, papo_kernels.integrations, papo_kernels.masking, "
+                        "papo_kernels.hidden_states; print('trl' in sys.modules, 'PIL' in sys.modules)")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert result.stdout.split() == ["False", "False"]
 
 
 def test_without_trl_the_import_error_names_the_extra():

@@ -126,3 +126,10 @@ def test_detached_masked_logprobs_of_the_rollout_policy(tiny, tmp_path, monkeypa
     assert (masked_logps[mask] < 0).all() and (masked_logps[~mask] == 0).all()
     trainer.compute_loss(trainer.model, batch).backward()
     assert captured["hidden_masked"] is None and captured["masked_logprobs"] is masked_logps
+
+
+def test_text_only_prompts_are_refused(tiny, tmp_path):
+    trainer = make_trainer(tiny, tmp_path)
+    rows = [{"prompt": [{"role": "user", "content": "what color is the square ?"}], "answer": "red"}] * NUM_GENERATIONS
+    with pytest.raises(ValueError, match="needs image prompts"):
+        trainer._generate_and_score_completions(rows)
