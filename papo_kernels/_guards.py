@@ -42,14 +42,15 @@ class _SecondDerivativeError(torch.autograd.Function):
         )
 
 
-def first_order_only(name: str):
-    """Decorator for a ``backward``: runs it without grad, and under ``create_graph=True`` returns
-    gradients whose own backward raises a clear error naming ``name``."""
+def fused_backward(name: str):
+    """Decorator for the ``backward`` of a fused Function: runs it without grad and without autocast, and under
+    ``create_graph=True`` returns gradients whose own backward raises a clear error naming ``name``."""
 
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
-            with torch.no_grad():
+            device = next(grad.device for grad in grad_outputs if isinstance(grad, torch.Tensor))
+            with torch.no_grad(), no_autocast(device):
                 grads = backward(ctx, *grad_outputs)
             if not torch.is_grad_enabled():
                 return grads

@@ -39,6 +39,9 @@ from .ops.perception_kl import compute_linear_perception_kl
 
 PATHS = ("auto", "fast", "per_token")
 LOSS_BACKENDS = tuple(dict.fromkeys(BACKENDS + EPILOGUES))
+HYPERPARAMETERS = ("temperature", "epsilon_low", "epsilon_high", "dual_clip", "beta", "gamma", "perception_kl",
+                   "eta_clean", "eta_masked", "entropy", "loss_type", "importance_sampling_level",
+                   "max_completion_length", "num_items_in_batch", "path", "backend", "workspace_bytes")
 METRIC_NAMES = ("policy_loss", "clip_fraction_low", "clip_fraction_high", "perception_kl", "ref_kl", "entropy",
                 "entropy_masked", "ratio_mean")
 
@@ -56,6 +59,34 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "dapo": dict(epsilon_low=0.2, epsilon_high=0.28, dual_clip=3.0, beta=0.0, gamma=0.0,
                  eta_clean=0.0, eta_masked=0.0, perception_kl="k3", loss_type="dapo"),
 }
+
+
+def check_hyperparameters(hyperparameters: Dict[str, object]) -> Dict[str, object]:
+    """The values and choices of papo_loss's scalar settings (the checks that need no tensor), as Python values."""
+    h = dict(hyperparameters)
+    h["temperature"] = check_number("temperature", h["temperature"], low=0.0, low_open=True)
+    h["epsilon_low"] = check_number("epsilon_low", h["epsilon_low"], low=0.0, high=1.0, high_open=True)
+    h["epsilon_high"] = check_number("epsilon_high", h["epsilon_high"], low=0.0)
+    if h["dual_clip"] is not None:
+        h["dual_clip"] = check_number("dual_clip", h["dual_clip"], low=1.0, low_open=True)
+    h["beta"] = check_number("beta", h["beta"], low=0.0)
+    for name in ("gamma", "eta_clean", "eta_masked"):
+        h[name] = check_number(name, h[name])
+    check_choice("perception_kl", h["perception_kl"], PERCEPTION_KL_ESTIMATORS)
+    check_choice("entropy", h["entropy"], ENTROPY_MODES)
+    check_choice("loss_type", h["loss_type"], LOSS_TYPES)
+    check_choice("importance_sampling_level", h["importance_sampling_level"], IMPORTANCE_SAMPLING_LEVELS)
+    check_choice("path", h["path"], PATHS)
+    check_choice("backend", h["backend"], LOSS_BACKENDS)
+    h["workspace_bytes"] = int(check_number("workspace_bytes", h["workspace_bytes"], low=1.0))
+    if h["loss_type"] == "dr_grpo":
+        if h["max_completion_length"] is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int), got None")
+        h["max_completion_length"] = check_positive_int("max_completion_length", h["max_completion_length"])
+    if h["num_items_in_batch"] is not None:
+        h["num_items_in_batch"] = check_number("num_items_in_batch", h["num_items_in_batch"], low=0.0,
+                                               low_open=True)
+    return h
 
 
 def _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked, masked_logprobs,
@@ -98,36 +129,15 @@ def _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantag
     check_same_device(**tensors)
     check_has_data(hidden=hidden)
 
-    h = dict(hyperparameters)
-    h["temperature"] = check_number("temperature", h["temperature"], low=0.0, low_open=True)
-    h["epsilon_low"] = check_number("epsilon_low", h["epsilon_low"], low=0.0, high=1.0, high_open=True)
-    h["epsilon_high"] = check_number("epsilon_high", h["epsilon_high"], low=0.0)
-    if h["dual_clip"] is not None:
-        h["dual_clip"] = check_number("dual_clip", h["dual_clip"], low=1.0, low_open=True)
-    h["beta"] = check_number("beta", h["beta"], low=0.0)
-    for name in ("gamma", "eta_clean", "eta_masked"):
-        h[name] = check_number(name, h[name])
-    check_choice("perception_kl", h["perception_kl"], PERCEPTION_KL_ESTIMATORS)
-    check_choice("entropy", h["entropy"], ENTROPY_MODES)
-    check_choice("loss_type", h["loss_type"], LOSS_TYPES)
-    check_choice("importance_sampling_level", h["importance_sampling_level"], IMPORTANCE_SAMPLING_LEVELS)
-    check_choice("path", h["path"], PATHS)
-    check_choice("backend", h["backend"], LOSS_BACKENDS)
-    h["workspace_bytes"] = int(check_number("workspace_bytes", h["workspace_bytes"], low=1.0))
+    h = check_hyperparameters(hyperparameters)
     if h["perception_kl"] == "exact" and masked_logprobs is not None:
         raise ValueError(
             "perception_kl='exact' needs hidden_masked (the full masked distribution), got masked_logprobs; "
             "use perception_kl in ['k1', 'k2', 'k3'] with masked_logprobs"
         )
-    if h["loss_type"] == "dr_grpo":
-        if h["max_completion_length"] is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int), got None")
-        h["max_completion_length"] = check_positive_int("max_completion_length", h["max_completion_length"])
     if h["beta"] > 0 and ref_logprobs is None:
         raise ValueError(f"beta > 0 needs ref_logprobs (log-probs under the reference policy), got beta={h['beta']} "
                          "and ref_logprobs=None")
-    if num_items_in_batch is not None:
-        h["num_items_in_batch"] = check_number("num_items_in_batch", num_items_in_batch, low=0.0, low_open=True)
     return h
 
 
@@ -344,9 +354,12 @@ class PAPOLoss(nn.Module):
 
     def __init__(self, **hyperparameters):
         super().__init__()
-        allowed = [name for name, p in inspect.signature(papo_loss).parameters.items() if p.kind == p.KEYWORD_ONLY]
+        keywords = {name: p.default for name, p in inspect.signature(papo_loss).parameters.items()
+                    if p.kind == p.KEYWORD_ONLY}
         for name in hyperparameters:
-            check_choice("PAPOLoss hyperparameter", name, allowed)
+            check_choice("PAPOLoss hyperparameter", name, list(keywords))
+        check_hyperparameters({name: hyperparameters.get(name, default) for name, default in keywords.items()
+                               if name in HYPERPARAMETERS})
         self.hyperparameters = dict(hyperparameters)
 
     @classmethod

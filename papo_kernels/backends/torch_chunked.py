@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .._guards import fused_backward
 from .reference import compute_dtype
 
 DEFAULT_TEMPORARY_BYTES = 256 * 2**20
@@ -279,7 +279,7 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
-    @once_differentiable
+    @fused_backward("linear_logprobs (torch backend)")
     def backward(ctx, logprob_grad, entropy_grad):
         hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
         saved = (hidden, None, weight, bias, tokens, lse, None, entropy, None, None)
@@ -301,7 +301,7 @@ class ChunkedLinearPerceptionKLFunction(torch.autograd.Function):
         return logprobs, logprobs_masked, entropy, entropy_masked, kl
 
     @staticmethod
-    @once_differentiable
+    @fused_backward("linear_perception_kl (torch backend)")
     def backward(ctx, logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad):
         grads = (logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad)
         return *backward_gradients(ctx.saved_tensors, grads, ctx.needs_input_grad[:4], ctx.options), None, None

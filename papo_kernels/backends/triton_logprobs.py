@@ -9,8 +9,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .._guards import fused_backward
 from .triton_perception_kl import TritonOptions, check_triton_dtype, in_dtype, linear_perception_kl_backward
 from .triton_perception_kl import linear_perception_kl_forward
 
@@ -26,7 +26,7 @@ class TritonLinearLogprobsFunction(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
-    @once_differentiable
+    @fused_backward("linear_logprobs (triton backend)")
     def backward(ctx, logprobs_grad, entropy_grad):
         hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from triton import knobs
 
+from .._guards import fused_backward
 from . import TRITON_DTYPES
 from ._triton_utils import absorb_pair, block_config, clean_logit_gradient, dot_precisions, last_dim_contiguous
 from ._triton_utils import initial_pair_state, logit_tiles, masked_logit_gradient, row_column, store_statistics
@@ -271,7 +271,7 @@ class TritonLinearPerceptionKLFunction(torch.autograd.Function):
         return logprobs, logprobs_masked, entropy, entropy_masked, kl
 
     @staticmethod
-    @once_differentiable
+    @fused_backward("linear_perception_kl (triton backend)")
     def backward(ctx, logprobs_grad, logprobs_masked_grad, entropy_grad, entropy_masked_grad, kl_grad):
         saved = ctx.saved_tensors
         grads = (logprobs_grad, logprobs_masked_grad, entropy_grad, entropy_masked_grad, kl_grad)

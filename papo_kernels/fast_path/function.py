@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._guards import first_order_only, no_autocast
+from .._guards import fused_backward, no_autocast
 from ..objective import Objective, TokenBatch
 from .chunk_loop import FastPathOptions, run_chunks
 
@@ -42,7 +42,7 @@ class FastPAPOLossFunction(torch.autograd.Function):
         return (result.loss, *result.terms)
 
     @staticmethod
-    @first_order_only("papo_loss (fast path)")
+    @fused_backward("papo_loss (fast path)")
     def backward(ctx, loss_grad, *_):
         if ctx.gradients is None:
             raise RuntimeError("papo_loss's fast path hands its gradients to the first backward; for a second "

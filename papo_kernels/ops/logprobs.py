@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 from .._checks import check_linear_inputs
+from .._guards import no_autocast
 from ..backends import resolve_backend
 
 
@@ -38,7 +39,8 @@ def linear_logprobs(
 
     Returns:
         ``LinearLogprobs(logprobs, entropy)``, both of shape ``(...)`` in float32
-        (float64 for float64 input), differentiable with respect to hidden, weight and bias.
+        (float64 for float64 input), differentiable with respect to hidden, weight and bias;
+        the same under ``torch.autocast`` as without it.
     """
     temperature = check_linear_inputs(hidden, weight, tokens, bias, temperature)
     return compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend)
@@ -50,5 +52,6 @@ def compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend) 
 
     batch_shape = tokens.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    logprobs, entropy = ops.linear_logprobs(flat_hidden, weight, tokens.reshape(-1).long(), bias, temperature)
+    with no_autocast(hidden.device):
+        logprobs, entropy = ops.linear_logprobs(flat_hidden, weight, tokens.reshape(-1).long(), bias, temperature)
     return LinearLogprobs(logprobs.reshape(batch_shape), entropy.reshape(batch_shape))

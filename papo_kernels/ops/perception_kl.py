@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 from .._checks import check_linear_inputs
+from .._guards import no_autocast
 from ..backends import resolve_backend
 
 
@@ -45,7 +46,7 @@ def linear_perception_kl(
     Returns:
         ``LinearPerceptionKL(logprobs, logprobs_masked, entropy, entropy_masked, kl)``, each of
         shape ``(...)`` in float32 (float64 for float64 input), differentiable with respect to
-        hidden, hidden_masked, weight and bias.
+        hidden, hidden_masked, weight and bias; the same under ``torch.autocast`` as without it.
     """
     temperature = check_linear_inputs(hidden, weight, tokens, bias, temperature, hidden_masked=hidden_masked)
     return compute_linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, temperature, backend)
@@ -57,7 +58,7 @@ def compute_linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, te
 
     batch_shape = tokens.shape
     dim = hidden.shape[-1]
-    outputs = ops.linear_perception_kl(
-        hidden.reshape(-1, dim), hidden_masked.reshape(-1, dim), weight, tokens.reshape(-1).long(), bias, temperature
-    )
+    with no_autocast(hidden.device):
+        outputs = ops.linear_perception_kl(hidden.reshape(-1, dim), hidden_masked.reshape(-1, dim), weight,
+                                           tokens.reshape(-1).long(), bias, temperature)
     return LinearPerceptionKL(*(out.reshape(batch_shape) for out in outputs))
