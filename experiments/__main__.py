@@ -1,7 +1,7 @@
 """``python -m experiments``: train a suite's runs (every arm over the same seeds, one process per run)
 and write its report.
 
-    python -m experiments                          # the main suite, 5 seeds, 2 processes at a time
+    python -m experiments                          # the main suite, seeds 1-5, 2 processes at a time
     python -m experiments --suite smoke --seeds 2  # two arms, a handful of steps (what CI runs)
     python -m experiments --report-only            # re-read the finished runs and rewrite the report
 """
@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="papo", choices=sorted(SUITES), help="which suite (experiments/arms.py)")
     parser.add_argument("--arms", nargs="+", help="a subset of the suite's arms (default: all)")
-    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the suite's, 5 for the main one)")
-    parser.add_argument("--first-seed", type=int, default=0, help="start the seeds here (default 0)")
+    parser.add_argument("--seeds", type=int, help="how many seeds (default: the suite's, 5 for the main one)")
+    parser.add_argument("--first-seed", type=int, help="the first seed (default: the suite's, 1 for the main one)")
     parser.add_argument("--steps", type=int, help="override the suite's training steps (every arm alike)")
     parser.add_argument("--workers", type=int, default=2, help="training processes at a time (default 2)")
     parser.add_argument("--runs-dir", type=Path, help="run folders (default runs/experiments/SUITE)")
@@ -43,11 +43,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, value in (("--seeds", args.seeds), ("--workers", args.workers), ("--steps", args.steps)):
         if value is not None and value < 1:
             parser.error(f"{name}: got {value}, expected a positive integer")
-    if args.first_seed < 0:
+    if args.first_seed is not None and args.first_seed < 0:
         parser.error(f"--first-seed: got {args.first_seed}, expected an integer >= 0")
     try:
         arms = [suite.arm(name) for name in args.arms] if args.arms else list(suite.arms)
-        seeds = range(args.first_seed, args.first_seed + (args.seeds or suite.default_seeds))
+        first = suite.first_seed if args.first_seed is None else args.first_seed
+        seeds = range(first, first + (args.seeds or suite.default_seeds))
         runs_dir = args.runs_dir or Path("runs/experiments") / suite.name
         overrides = {} if args.steps is None else {"steps": args.steps}
         runs = plan_runs(suite, arms, seeds, runs_dir, overrides)

@@ -24,8 +24,10 @@ class Suite:
     settings: Dict[str, Any]  # TrainerConfig fields every run shares
     arms: Tuple[Arm, ...]
     pairs: Tuple[Tuple[str, str], ...]  # (baseline arm, PAPO arm): the seed-by-seed comparisons
-    hacking: Tuple[str, str] = ()  # (high gamma without double entropy, the same gamma with it), if in the suite
+    # (high gamma without double entropy, the same gamma with it), if in the suite: compared seed by seed too.
+    hacking: Tuple[str, ...] = ()
     default_seeds: int = 5
+    first_seed: int = 0
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
@@ -60,7 +62,8 @@ SUITES = {
               PAPO_SETTINGS, tuple(ARMS[name] for name in ("dapo", "papo_d", "grpo", "papo_g",
                                                            "papo_d_high_gamma_no_de", "papo_d_high_gamma")),
               pairs=(("dapo", "papo_d"), ("grpo", "papo_g")),
-              hacking=("papo_d_high_gamma_no_de", "papo_d_high_gamma")),
+              hacking=("papo_d_high_gamma_no_de", "papo_d_high_gamma"),
+              first_seed=1),  # seeds 1-5: seed 0 was the pilots' (experiments/README.md)
         Suite("smoke", "Two arms, a handful of steps: checks the runner end to end (the CI test)",
               dict(tasks=["count"], steps=3, prompts_per_step=4, group_size=4, max_new_tokens=3, minibatches=2,
                    eval_every=2, eval_prompts=8, save_every=0, num_threads=1),

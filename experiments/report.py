@@ -34,6 +34,8 @@ CURVE_FIELDS = ("eval_accuracy", "eval_accuracy_masked", "eval_junk", "eval_junk
 TABLE_MEASURES = ("accuracy", "accuracy_masked", "vision_dependence", "mean_accuracy", "peak_accuracy", "junk",
                   "junk_sampled", "perception_kl", "peak_perception_kl", "entropy", "entropy_masked",
                   "clip_fraction_high")
+HACKING_MEASURES = ("accuracy", "peak_accuracy", "junk", "junk_sampled", "perception_kl", "peak_perception_kl",
+                    "entropy", "entropy_masked", "clip_fraction_high")
 PAIRED_MEASURES = (("accuracy", "held-out accuracy"), ("vision_dependence", "vision dependence"),
                    ("mean_accuracy", "mean accuracy over the run"))
 SIGNIFICANCE = 0.05
@@ -127,7 +129,7 @@ def arm_table(suite: Suite, collected: Collected) -> List[str]:
     return lines
 
 
-def pair_section(suite: Suite, collected: Collected, baseline: str, papo: str) -> List[str]:
+def pair_section(collected: Collected, baseline: str, papo: str) -> List[str]:
     base, other = collected.measures.get(baseline, {}), collected.measures.get(papo, {})
     seeds = sorted(set(base) & set(other))
     if not seeds:
@@ -142,7 +144,7 @@ def pair_section(suite: Suite, collected: Collected, baseline: str, papo: str) -
             a, b = base[seed][name], other[seed][name]
             cells += [f"{a:.3f}", f"{b:.3f}", _signed(b - a)]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-    lines += ["", "| measure | mean difference (PAPO - baseline) ± se | paired t-test p | wins / losses / ties | "
+    lines += ["", f"| measure | mean difference ({papo} - {baseline}) ± se | paired t-test p | wins / losses / ties | "
               "sign test p |", "| --- | --- | --- | --- | --- |"]
     for name, label in PAIRED_MEASURES:
         result = paired_comparison([base[s][name] for s in seeds], [other[s][name] for s in seeds])
@@ -153,10 +155,17 @@ def pair_section(suite: Suite, collected: Collected, baseline: str, papo: str) -
 
 
 def hacking_section(suite: Suite, collected: Collected) -> List[str]:
-    """The high-gamma arms' curves, mean over seeds, at every evaluation step."""
+    """The high-gamma arms seed by seed (their paired comparison: the cure), then their curves, mean over seeds,
+    at every evaluation step."""
+    lines = pair_section(collected, *suite.hacking)
+    lines += ["| arm | seed | " + " | ".join(HACKING_MEASURES) + " |", "|" + " --- |" * (len(HACKING_MEASURES) + 2)]
+    for arm_name in suite.hacking:
+        for seed, measures in sorted(collected.measures.get(arm_name, {}).items()):
+            lines.append(f"| {arm_name} | {seed} | " + " | ".join(_number(measures[name])
+                                                                   for name in HACKING_MEASURES) + " |")
+    lines.append("")
     fields = ("eval_accuracy", "eval_junk", "junk_sampled", "perception_kl", "entropy", "entropy_masked",
               "clip_fraction_high")
-    lines = []
     for arm_name in suite.hacking:
         per_seed = collected.curves.get(arm_name)
         if not per_seed:
@@ -190,14 +199,16 @@ def write_report(suite: Suite, collected: Collected, folder: Path, command: str,
         plot_curves(hacking, collected.curves, folder / "hacking.png", f"{suite.name}: high gamma, without and "
                     "with the double entropy loss")
         figures.append(("The loss-hacking arms", "hacking.png"))
-    pairs = [(suite.arm(a), suite.arm(b)) for a, b in suite.pairs
+    pairs = [(suite.arm(a), suite.arm(b)) for a, b in suite.pairs + ((suite.hacking,) if suite.hacking else ())
              if a in collected.measures and b in collected.measures]
     if pairs:
         plot_pairs(pairs, collected.measures, folder / "paired.png", PAIRED_MEASURES)
         figures.append(("Seed by seed (grey lines; black: mean ± se)", "paired.png"))
 
     walls = [seconds for per_seed in collected.wall.values() for seconds in per_seed.values()]
-    settings = {**suite.settings}
+    # The suite's settings as the runs had them (--steps may override the suite's steps).
+    settings = {name: getattr(collected.runs[0].config, name) for name in suite.settings} if collected.runs \
+        else dict(suite.settings)
     lines = [f"# Experiment `{suite.name}`: {suite.description}", "",
              f"- package commit: `{package_commit()}` (`{Path(papo_kernels.__file__).parent}`)",
              f"- machine: {platform.machine()} CPU, {platform.system()}, torch {torch.__version__}, "
@@ -225,7 +236,7 @@ def write_report(suite: Suite, collected: Collected, folder: Path, command: str,
     lines += arm_table(suite, collected)
     lines += ["", "## PAPO against its baseline, seed by seed", ""]
     for baseline, papo in suite.pairs:
-        lines += pair_section(suite, collected, baseline, papo)
+        lines += pair_section(collected, baseline, papo)
     if suite.hacking:
         lines += ["## Loss hacking at high gamma, and the double entropy loss", ""] + hacking_section(suite, collected)
     lines += ["## Figures", ""] + [f"{caption}:\n\n![{caption}]({name})\n" for caption, name in figures]
