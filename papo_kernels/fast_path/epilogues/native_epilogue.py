@@ -1,0 +1,121 @@
+"""The native epilogue: the fast path's per-row work on CPU in C++ (``csrc/``), built on first use.
+
+Two sweeps per row pair, vectorised (``at::vec``) and parallel over rows (``at::parallel_for``):
+statistics (l, H, lse, l~, H~, lse~, KL from the maxima and the sums of each row), then dz / tau,
+written over the logits or into ``out``. The logits are only read by ``statistics``; no
+temporaries. The ops are ``torch.ops.papo_kernels.epilogue_statistics``,
+``epilogue_logit_gradient`` (out=) and ``epilogue_logit_gradient_`` (over the logits); this module
+gives them fake kernels (``torch.compile``, ``opcheck``) and makes the statistics op differentiable,
+its backward being the gradient op.
+
+``resolve(strict)`` builds the library (``native_build.load``) and returns this module, or, where
+no toolchain can build it, the torch epilogue with one warning that says why; a failed build
+raises ``NativeBuildError`` when ``strict`` (``backend='native'``) and falls back with the
+warning otherwise (``backend='auto'``).
+"""
+
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import native_build, torch_epilogue
+from .contract import RowStatistics, UpstreamGradients
+
+NAME = "native"
+
+_unavailable: Optional[str] = None  # why nothing can build the library here
+_build_error: Optional[native_build.NativeBuildError] = None
+_warned = False
+_registered = False
+
+
+def workspace_bytes_per_token(vocab_size: int, paired: bool, itemsize: int) -> int:
+    return 0
+
+
+def statistics(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
+               paired: bool) -> RowStatistics:
+    return RowStatistics(*torch.ops.papo_kernels.epilogue_statistics(logits, tokens, bias, float(temperature), paired))
+
+
+def logit_gradient(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
+                   stats: RowStatistics, grads: UpstreamGradients, out: Tensor) -> None:
+    inputs = (tokens, bias, float(temperature), stats.lse, stats.entropy, stats.lse_masked, stats.entropy_masked,
+              stats.kl, grads.logprobs, grads.entropy, None, grads.logprobs_masked, grads.entropy_masked, None, grads.kl)
+    if out is logits:
+        torch.ops.papo_kernels.epilogue_logit_gradient_(logits, *inputs)
+    else:
+        torch.ops.papo_kernels.epilogue_logit_gradient(logits, *inputs, out=out)
+
+
+def _statistics_fake(logits, tokens, bias, temperature, paired):
+    return logits.new_empty((7 if paired else 3, tokens.shape[0]))
+
+
+def _gradient_fake(*args, **kwargs):
+    return None
+
+
+def _setup_statistics_context(ctx, inputs, output):
+    logits, tokens, bias, temperature, paired = inputs
+    ctx.save_for_backward(logits, tokens, bias, output)
+    ctx.temperature = temperature
+    ctx.paired = paired
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+
+
+def _statistics_backward(ctx, grad_statistics):
+    """d loss / d logits = the gradient op with every statistic's upstream gradient; d loss / d b = its row sum."""
+    logits, tokens, bias, output = ctx.saved_tensors
+    stats = RowStatistics(*output)
+    grads = tuple(grad_statistics)
+    if not ctx.paired:
+        grads = grads + (None,) * 4
+    grad_logits = torch.empty_like(logits)
+    torch.ops.papo_kernels.epilogue_logit_gradient(
+        logits, tokens, bias, ctx.temperature, stats.lse, stats.entropy, stats.lse_masked, stats.entropy_masked,
+        stats.kl, *grads, out=grad_logits)
+    grad_bias = grad_logits.sum(0) if ctx.bias_needs_grad else None
+    return grad_logits, None, grad_bias, None, None
+
+
+def _register_python_parts() -> None:
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("papo_kernels::epilogue_statistics", _statistics_fake)
+    torch.library.register_fake("papo_kernels::epilogue_logit_gradient", _gradient_fake)
+    torch.library.register_fake("papo_kernels::epilogue_logit_gradient_", _gradient_fake)
+    torch.library.register_autograd("papo_kernels::epilogue_statistics", _statistics_backward,
+                                    setup_context=_setup_statistics_context)
+    _registered = True
+
+
+def load() -> None:
+    """Builds and loads the ops with their Python parts; raises what ``native_build.load`` raises."""
+    native_build.load()
+    _register_python_parts()
+
+
+def resolve(strict: bool):
+    """This module when the library loads, else the torch epilogue with one warning (see the module docstring)."""
+    global _unavailable, _build_error, _warned
+    if _unavailable is None and _build_error is None:
+        try:
+            load()
+            return sys.modules[__name__]
+        except native_build.NativeUnavailable as error:
+            _unavailable = str(error)
+        except native_build.NativeBuildError as error:
+            _build_error = error
+    if _build_error is not None and strict:
+        raise _build_error
+    if not _warned:
+        _warned = True
+        reason = _unavailable or f"its build failed: {_build_error}"
+        warnings.warn(f"papo_kernels: the native CPU epilogue is unavailable ({reason}); the fast path uses the "
+                      "torch epilogue instead, which is slower", RuntimeWarning, stacklevel=3)
+    return torch_epilogue
