@@ -1,4 +1,4 @@
-"""Every epilogue of the fast path against the torch epilogue, on the contract of ``epilogues/contract.py``.
+"""Every epilogue of the fast path (Triton, native) against the torch epilogue, on the contract of ``contract.py``.
 
 A chunk of raw logits goes in; per-token statistics, then the gradient with respect to the
 logits, come out. Shapes are awkward on purpose (V not a multiple of any block, one row,
@@ -82,8 +82,15 @@ def check_against_torch_epilogue(epilogue, device, shape, paired, bias, temperat
                                  factor=4.0, atol=4e-7)
 
 
+# every epilogue but the torch one, on the device it runs on
+EPILOGUE_DEVICES = {"triton": triton_device, "native": lambda: torch.device("cpu")}
+
+
+@pytest.mark.parametrize("name", EPILOGUE_DEVICES)
 @pytest.mark.parametrize("shape, paired, bias, temperature", epilogue_cases(), ids=str)
-def test_triton_epilogue_matches_the_torch_epilogue(shape, paired, bias, temperature):
-    """float32 Triton (interpreted on CPU) against the torch epilogue."""
-    epilogue = resolve_epilogue("triton", triton_device(), torch.float32)
-    check_against_torch_epilogue(epilogue, triton_device(), shape, paired, bias, temperature, torch.float32)
+def test_epilogue_matches_the_torch_epilogue(name, shape, paired, bias, temperature):
+    """float32 Triton (interpreted on CPU) and native C++ against the torch epilogue."""
+    device = EPILOGUE_DEVICES[name]()
+    epilogue = resolve_epilogue(name, device, torch.float32)
+    assert epilogue.NAME == name, f"backend={name!r} resolved to the {epilogue.NAME} epilogue"
+    check_against_torch_epilogue(epilogue, device, shape, paired, bias, temperature, torch.float32)
