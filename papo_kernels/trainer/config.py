@@ -4,22 +4,41 @@ The loss settings start from a preset of ``papo_kernels.PRESETS`` (``papo_d`` by
 default; ``dapo`` and ``grpo`` are the baselines with the PAPO terms off), and the
 fields ``gamma``, ``beta``, ``eta_clean``, ``eta_masked``, ``epsilon_low``,
 ``epsilon_high`` and ``perception_kl`` override it where set.
+
+``validate`` accepts Python and NumPy numbers alike (a NumPy scalar is replaced by the
+Python number it holds) and refuses NaN and infinity in every numeric field.
 """
 
 import dataclasses
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import yaml
 
 from ..loss import PERCEPTION_KL_ESTIMATORS, PRESETS
 from .data import SYNTHETIC_TASKS
+from .errors import TrainerInputError
 from .rewards import ANSWER_FORMATS
 
+
 class _ConfigLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that reads ``3e-4`` as a number, as YAML 1.2 does (YAML 1.1 makes it a string)."""
+    """``yaml.SafeLoader`` that reads ``3e-4`` as a number, as YAML 1.2 does (YAML 1.1 makes it a string), and
+    refuses a key given twice in one mapping (YAML 1.1 loaders keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key_node.value!r}",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
 
 
 _ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
@@ -30,6 +49,7 @@ GAMMA_SCHEDULES = ("fixed", "linear")
 LR_SCHEDULES = ("constant", "cosine")
 ENTROPY_MODES = ("exact", "sampled")
 LOSS_OVERRIDES = ("gamma", "beta", "eta_clean", "eta_masked", "epsilon_low", "epsilon_high", "perception_kl")
+MIN_IMAGE_SIZE = 28  # Qwen2-VL's smallest image: one 2 x 2 block of 14-pixel vision patches
 
 
 @dataclass
@@ -109,21 +129,29 @@ class TrainerConfig:
         return (gamma + progress * (self.gamma_final - gamma)) / gamma
 
     def validate(self) -> "TrainerConfig":
-        """Raise ``ValueError`` naming the first field whose value is not allowed."""
+        """Raise ``TrainerInputError`` naming the first field whose value is not allowed; NumPy scalars are
+        replaced by the Python values they hold first."""
         def fail(name: str, allowed: str) -> None:
-            raise ValueError(f"config field {name!r}: got {getattr(self, name)!r}, expected {allowed}")
+            raise TrainerInputError(f"config field {name!r}: got {getattr(self, name)!r}, expected {allowed}")
 
+        for config_field in dataclasses.fields(self):
+            if isinstance(getattr(self, config_field.name), np.generic):
+                setattr(self, config_field.name, getattr(self, config_field.name).item())
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            fail("output_dir", "a non-empty path")
         for name in ("steps", "num_threads", "prompts_per_step", "group_size", "max_new_tokens", "image_size",
                      "mask_cell", "ppo_epochs", "minibatches", "micro_batch_size", "eval_prompts"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_integer(value) or value < 1:
                 fail(name, "a positive integer")
         for name in ("seed", "eval_every", "save_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _is_integer(value) or value < 0:
                 fail(name, "an integer >= 0")
         if self.group_size < 2:
             fail("group_size", "an integer >= 2 (group-relative advantages need at least two responses)")
+        if self.image_size < MIN_IMAGE_SIZE:
+            fail("image_size", f"an integer >= {MIN_IMAGE_SIZE} (one 2 x 2 block of 14-pixel vision patches)")
         choices = {"preset": tuple(PRESETS), "answer_format": ANSWER_FORMATS, "mask_target": MASK_TARGETS,
                    "entropy": ENTROPY_MODES, "gamma_schedule": GAMMA_SCHEDULES, "lr_schedule": LR_SCHEDULES}
         for name, allowed in choices.items():
@@ -135,14 +163,16 @@ class TrainerConfig:
             fail("tasks", f"a non-empty list of {list(SYNTHETIC_TASKS)}")
         for name in ("temperature", "learning_rate", "max_grad_norm"):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
-                fail(name, "a number > 0")
+                fail(name, "a finite number > 0")
         for name in ("accuracy_weight", "format_weight", "weight_decay", "gamma_final"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                fail(name, "a number >= 0")
-        for name in ("gamma", "beta", "eta_clean", "eta_masked", "epsilon_low", "epsilon_high"):
+                fail(name, "a finite number >= 0")
+        for name in ("gamma", "beta", "eta_clean", "eta_masked", "epsilon_high"):
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or value < 0):
-                fail(name, "null (the preset's value) or a number >= 0")
+                fail(name, "null (the preset's value) or a finite number >= 0")
+        if self.epsilon_low is not None and (not _is_number(self.epsilon_low) or not 0 <= self.epsilon_low < 1):
+            fail("epsilon_low", "null (the preset's value) or a number in [0, 1)")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "a number in (0, 1]")
         if not _is_number(self.mask_probability) or not 0 <= self.mask_probability <= 1:
@@ -165,27 +195,49 @@ class TrainerConfig:
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainerConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known, key=str)
         if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; allowed are {sorted(known)}")
+            raise TrainerInputError(f"unknown config field(s) {unknown}; allowed are {sorted(known)}")
         return cls(**values)
 
     @classmethod
     def from_yaml(cls, path) -> "TrainerConfig":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"--config: no such YAML file: {path}")
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.load(handle, Loader=_ConfigLoader)
+            raise TrainerInputError(f"--config: no such YAML file: {path}")
+        try:
+            with open(path, "rb") as handle:  # bytes: the YAML reader detects the encoding and names bad bytes
+                values = yaml.load(handle, Loader=_ConfigLoader)
+        except yaml.YAMLError as error:
+            raise TrainerInputError(f"--config: {path} is not valid YAML: {_yaml_problem(error)}") from None
+        except OSError as error:
+            raise TrainerInputError(f"--config: cannot read {path} ({error.strerror})") from None
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            raise ValueError(f"--config: {path} must hold a mapping of field: value, got {type(values).__name__}")
-        return cls.from_dict(values)
+            raise TrainerInputError(f"--config: {path} must hold a mapping of field: value, got "
+                                    f"{type(values).__name__}")
+        try:
+            return cls.from_dict(values)
+        except TrainerInputError as error:
+            raise TrainerInputError(f"--config: {path}: {error}") from None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: what the YAML reader found wrong, and where."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())

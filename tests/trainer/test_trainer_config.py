@@ -46,7 +46,7 @@ def test_yaml_round_trip(tmp_path):
     ("steps", 0, "'steps': got 0, expected a positive integer"),
     ("tasks", ["colour"], "'tasks': got ['colour'], expected a non-empty list of"),
     ("top_p", 0.0, "'top_p': got 0.0, expected a number in (0, 1]"),
-    ("gamma", -0.1, "'gamma': got -0.1, expected null (the preset's value) or a number >= 0"),
+    ("gamma", -0.1, "'gamma': got -0.1, expected null (the preset's value) or a finite number >= 0"),
     ("mask_cell", 28, "'mask_cell': got 28, expected 14 (the vision patch size) with mask_target 'pixel_values'"),
     ("dapo_filter", "yes", "'dapo_filter': got 'yes', expected true or false"),
 ])
