@@ -7,19 +7,25 @@
 
 Settings come from the config's defaults, then ``--config`` (YAML), then the flags
 given. ``--resume`` continues from ``OUTPUT_DIR/checkpoint.pt`` with the config saved
-there (flags still apply on top, ``--steps`` to extend a run, say).
+there; flags may change only what ``trainer/resume.py`` allows (``--steps`` to extend a
+run whose schedules do not depend on it, say) and anything else is refused.
+
+A bad config, file or resume request ends the command with one line,
+``papo-train: error: ...``, naming the field or file, and exit status 2.
 """
 
 import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 from .loss import PRESETS
 from .trainer.checkpoint import load_checkpoint
 from .trainer.config import TrainerConfig
 from .trainer.data import SYNTHETIC_TASKS
+from .trainer.errors import TrainerInputError, TrainerWarning
 from .trainer.loop import Trainer
 from .trainer.metrics_log import METRICS_NAME
 from .trainer.plotting import PLOT_NAME
@@ -73,8 +79,15 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     values = vars(args)
     if values.get("resume"):
         if "config" in values:
-            raise ValueError("--resume takes the config saved in the checkpoint; give flags, not --config")
-        config = TrainerConfig.from_dict(load_checkpoint(values.get("output_dir", TrainerConfig.output_dir))["config"])
+            raise TrainerInputError("--resume takes the config saved in the checkpoint; give flags, not --config")
+        output_dir = values.get("output_dir", TrainerConfig.output_dir)
+        saved = load_checkpoint(output_dir)["config"]
+        try:
+            config = TrainerConfig.from_dict(saved)
+        except TrainerInputError as error:
+            raise TrainerInputError(f"--resume: the config saved in {output_dir}: {error}") from None
+        # The run continues where its checkpoint was read, wherever it was first written.
+        config.output_dir = output_dir
     elif "config" in values:
         config = TrainerConfig.from_yaml(values["config"])
     else:
@@ -87,16 +100,28 @@ def _mean(values: List[float]) -> float:
     return sum(values) / max(len(values), 1)
 
 
+def _one_line_trainer_warnings(prog: str, show=warnings.showwarning):
+    """A ``warnings.showwarning`` that prints a ``TrainerWarning`` as one line, like the errors; others as usual."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TrainerWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = build_config(args)
-        trainer = Trainer(config, resume=getattr(args, "resume", False))
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-    start = time.perf_counter()
-    records = trainer.train()
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_trainer_warnings(parser.prog)
+            config = build_config(args)
+            trainer = Trainer(config, resume=getattr(args, "resume", False))
+            start = time.perf_counter()
+            records = trainer.train()
+    except TrainerInputError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     if trainer.accelerator.is_main_process and records:
         window = max(1, len(records) // 10)
         rewards = [record["reward"] for record in records]

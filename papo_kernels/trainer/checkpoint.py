@@ -1,58 +1,72 @@
-"""Checkpoints: model, optimizer, lr schedule, next step and RNG state in one file, written atomically.
+"""Checkpoints: model, optimizer, lr schedule, next step, RNG state, config and vocabulary in one file.
 
-The file is written beside its final name, flushed to disk, then renamed over the
-previous checkpoint (``os.replace`` is atomic on POSIX), so a kill at any moment
-leaves either the old checkpoint or the new one, never half of one.
+The file is written atomically (``files.write_atomically``): a kill at any moment leaves
+either the old checkpoint or the new one. The tokenizer's vocabulary is stored so that a
+resume with a different tokenizer (another task's words, another model) is refused
+rather than reading the saved token ids as other words.
+
+Everything in it is tensors and plain Python values, so it loads with ``weights_only``:
+loading runs no code from the file, and damaged bytes cannot make the unpickler reserve
+memory for a huge memo index (the full unpickler does: one randomly damaged checkpoint
+grew to 22 GB before the kernel killed the process).
 """
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
+from .errors import TrainerInputError
+from .files import write_atomically
+
 CHECKPOINT_NAME = "checkpoint.pt"
+PAYLOAD_KEYS = ("model", "optimizer", "scheduler", "next_step", "rng_states", "config", "vocabulary")
 
 
 def rng_state() -> Dict[str, Any]:
-    """The state of every random generator a step draws from (Python, NumPy, torch)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The state of every random generator a step draws from (Python, NumPy, torch), as plain values and tensors."""
+    name, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, key.tolist(), position, has_gauss, cached_gaussian)
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
 
 
 def save_checkpoint(output_dir, *, model_state: Dict[str, torch.Tensor], optimizer_state: Dict[str, Any],
                     scheduler_state: Dict[str, Any], next_step: int, rng_states: List[Dict[str, Any]],
-                    config: Dict[str, Any]) -> Path:
-    """Write ``output_dir/checkpoint.pt`` atomically; ``rng_states`` holds one state per process."""
-    path = Path(output_dir) / CHECKPOINT_NAME
+                    config: Dict[str, Any], vocabulary: Dict[str, int]) -> Path:
+    """Write ``output_dir/checkpoint.pt`` atomically; ``rng_states`` holds one state per process and
+    ``vocabulary`` the tokenizer's token -> id map."""
     payload = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler_state,
-               "next_step": next_step, "rng_states": rng_states, "config": config}
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+               "next_step": next_step, "rng_states": rng_states, "config": config, "vocabulary": vocabulary}
+    return write_atomically(Path(output_dir) / CHECKPOINT_NAME, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(output_dir) -> Dict[str, Any]:
-    """The payload of ``output_dir/checkpoint.pt``; a clear error when there is none."""
+    """The payload of ``output_dir/checkpoint.pt``; ``TrainerInputError`` naming the file when there is none
+    or it cannot be read as a checkpoint."""
     path = Path(output_dir) / CHECKPOINT_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first")
-    # The file holds Python RNG state and the config besides tensors, so it cannot load with weights_only;
+        raise TrainerInputError(f"--resume: no checkpoint at {path}; train without --resume first")
     # mmap reads tensors only when used, so reading just the config stays cheap.
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    # A damaged file raises many types: torch's zip reader RuntimeError, the unpickler of damaged bytes
+    # UnpicklingError, UnicodeDecodeError, KeyError, ValueError, EOFError (seen over random damage).
+    except Exception as error:  # noqa: BLE001 (reported with its type, the cause kept)
+        # The first sentence: torch adds a paragraph of advice to its reader's errors.
+        reason = " ".join(str(error).split(". ")[0].split())
+        raise TrainerInputError(f"--resume: {path} cannot be read as a checkpoint: damaged, truncated or not "
+                                f"written by papo-train ({type(error).__name__}: {reason})") from error
+    missing = [key for key in PAYLOAD_KEYS if key not in payload] if isinstance(payload, dict) else PAYLOAD_KEYS
+    if missing:
+        raise TrainerInputError(f"--resume: {path} is not a papo-train checkpoint of this version: it lacks "
+                                f"{list(missing)}")
+    return payload

@@ -30,6 +30,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
+from .errors import TrainerInputError
+
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 240), "yellow": (240, 220, 40)}
 MAJORITY_COLOR = "red"
 MAJORITY_SHARE = 0.7  # the frequency of MAJORITY_COLOR in the skewed tasks
@@ -195,8 +197,12 @@ class SyntheticShapes:
 class JsonlDataset:
     """Prompts from a JSONL file, one object per line: ``{"image": path, "question": str, "answer": str}``.
 
-    Relative image paths are resolved against the JSONL file's folder. Images load
-    lazily; a step's prompts are a seeded sample that depends only on (seed, step).
+    Relative image paths are resolved against the JSONL file's folder. Every image is
+    opened when the file loads (its header, which names a known image format), so a path
+    that is no image fails before any training; the pixels are decoded lazily, when a
+    step samples the prompt, and a file that fails to decode then is an error naming its
+    line before that step does any work. A step's prompts are a seeded sample that
+    depends only on (seed, step).
     """
 
     REQUIRED_FIELDS = ("image", "question", "answer")
@@ -204,39 +210,54 @@ class JsonlDataset:
     def __init__(self, path, seed: int):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"--data: no such JSONL file: {self.path}")
+            raise TrainerInputError(f"--data: no such JSONL file: {self.path}")
         self.seed = seed
         self.records = [self._parse(number, line) for number, line in enumerate(self._lines(), start=1)
                         if line.strip()]
         if not self.records:
-            raise ValueError(f"--data: {self.path} has no records; expected one JSON object per line with "
-                             f"fields {list(self.REQUIRED_FIELDS)}")
+            raise TrainerInputError(f"--data: {self.path} has no records; expected one JSON object per line with "
+                                    f"fields {list(self.REQUIRED_FIELDS)}")
 
-    def _lines(self) -> List[str]:
-        with open(self.path, encoding="utf-8") as handle:
-            return handle.read().splitlines()
+    def _lines(self) -> List[bytes]:
+        # Split the bytes: str.splitlines would also split inside a JSON string holding U+2028 or U+0085.
+        try:
+            with open(self.path, "rb") as handle:
+                return handle.read().splitlines()
+        except OSError as error:
+            raise TrainerInputError(f"--data: cannot read {self.path} ({error.strerror})") from None
 
-    def _parse(self, number: int, line: str) -> dict:
+    def _parse(self, number: int, line: bytes) -> dict:
         where = f"{self.path}, line {number}"
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise TrainerInputError(f"--data: {where} is not UTF-8 ({error.reason} at byte {error.start + 1})") \
+                from None
         except json.JSONDecodeError as error:
-            raise ValueError(f"--data: {where} is not valid JSON ({error.msg} at column {error.colno})") from None
+            raise TrainerInputError(f"--data: {where} is not valid JSON ({error.msg} at column {error.colno})") \
+                from None
         if not isinstance(record, dict):
-            raise ValueError(f"--data: {where} must be a JSON object, got {type(record).__name__}")
+            raise TrainerInputError(f"--data: {where} must be a JSON object, got {type(record).__name__}")
         missing = [field for field in self.REQUIRED_FIELDS if field not in record]
         if missing:
-            raise ValueError(f"--data: {where} lacks field(s) {missing}; required are {list(self.REQUIRED_FIELDS)}")
+            raise TrainerInputError(f"--data: {where} lacks field(s) {missing}; required are "
+                                    f"{list(self.REQUIRED_FIELDS)}")
         for field in self.REQUIRED_FIELDS:
             if not isinstance(record[field], str) or not record[field].strip():
-                raise ValueError(f"--data: {where}: field {field!r} must be a non-empty string, "
-                                 f"got {record[field]!r}")
+                raise TrainerInputError(f"--data: {where}: field {field!r} must be a non-empty string, "
+                                        f"got {record[field]!r}")
         image_path = Path(record["image"])
         if not image_path.is_absolute():
             image_path = self.path.parent / image_path
         if not image_path.is_file():
-            raise FileNotFoundError(f"--data: {where}: image file not found: {image_path}")
-        return {"image": image_path, "question": record["question"], "answer": record["answer"]}
+            raise TrainerInputError(f"--data: {where}: image file not found: {image_path}")
+        try:
+            with Image.open(image_path):  # reads the header only
+                pass
+        except (OSError, Image.DecompressionBombError) as error:
+            raise TrainerInputError(f"--data: {where}: {image_path} is not an image PIL can read ({error})") \
+                from None
+        return {"image": image_path, "question": record["question"], "answer": record["answer"], "line": number}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -249,9 +270,14 @@ class JsonlDataset:
     def batch(self, step: int, size: int) -> List[Example]:
         rng = random.Random(f"{self.seed}-{step}")
         chosen = rng.sample(self.records, size) if size <= len(self.records) else rng.choices(self.records, k=size)
-        examples = []
-        for record in chosen:
+        return [Example(image=self._load_image(record), question=record["question"], answer=record["answer"])
+                for record in chosen]
+
+    def _load_image(self, record: dict) -> Image.Image:
+        try:
             with Image.open(record["image"]) as image:
-                examples.append(Example(image=image.convert("RGB"), question=record["question"],
-                                        answer=record["answer"]))
-        return examples
+                return image.convert("RGB")
+        # PIL reports a damaged file as OSError ("image file is truncated") or ValueError.
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise TrainerInputError(f"--data: {self.path}, line {record['line']}: the image {record['image']} "
+                                    f"cannot be decoded ({error})") from None

@@ -8,6 +8,8 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
+from .errors import TrainerInputError
+
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
@@ -32,7 +34,7 @@ def _chat_template(path: Path, tokenizer) -> str:
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
     if (path / "chat_template.json").is_file():
         return json.loads((path / "chat_template.json").read_text(encoding="utf-8"))["chat_template"]
-    raise ValueError(f"--model: {path} has no chat template (tokenizer_config.json, chat_template.jinja or "
+    raise TrainerInputError(f"--model: {path} has no chat template (tokenizer_config.json, chat_template.jinja or "
                      "chat_template.json)")
 
 
@@ -40,10 +42,14 @@ def load_local_model(path) -> Tuple[torch.nn.Module, ImageOnlyQwen2VLProcessor]:
     """The model (float32) and processor in the local Hugging Face folder ``path``; nothing is downloaded."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model: {path} is not a local Hugging Face model folder (no config.json)")
-    model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+        raise TrainerInputError(f"--model: {path} is not a local Hugging Face model folder (no config.json)")
+    try:
+        model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    except OSError as error:  # transformers' report of an unreadable or invalid config.json
+        raise TrainerInputError(f"--model: {error}") from None
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"--model: {path} holds a {model_type!r} model; supported are {list(SUPPORTED_MODEL_TYPES)}")
+        raise TrainerInputError(f"--model: {path} holds a {model_type!r} model; supported are "
+                                f"{list(SUPPORTED_MODEL_TYPES)}")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", local_files_only=True)
     image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True)

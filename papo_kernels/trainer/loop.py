@@ -19,7 +19,6 @@ One step, in order:
 """
 
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -34,14 +33,17 @@ from tqdm.auto import tqdm
 
 from .. import papo_loss
 from .advantages import group_advantages, informative_groups, keep_responses
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainerConfig
 from .data import JsonlDataset, SyntheticShapes, synthetic_words
+from .errors import TrainerInputError
+from .files import prepare_output_dir, remove_orphans
 from .local_model import load_local_model
-from .metrics_log import MetricsLog, read_metrics
+from .metrics_log import METRICS_NAME, MetricsLog, read_metrics
 from .plotting import plot_metrics
 from .policy import (CompletionHiddenStates, clean_and_masked_inputs, head_tokens, response_logprobs,
                      sequence_inputs, vocabulary_index)
+from .resume import check_resume, check_vocabulary
 from .rewards import extract_answer, is_correct, score_response
 from .rollout import Rollout, encode_prompts, generate, masked_pixel_values, roll_out
 from .tiny_model import build_model, build_processor
@@ -57,7 +59,11 @@ def derived_seed(*parts) -> int:
 
 
 class Trainer:
-    """Builds the model, data, optimizer and (when resuming) their saved state; ``train()`` runs the steps."""
+    """Builds the model, data, optimizer and (when resuming) their saved state; ``train()`` runs the steps.
+
+    Everything the user gives (config, output directory, checkpoint and resume request, data)
+    is checked before the model is built; a problem is a ``TrainerInputError`` naming it.
+    """
 
     def __init__(self, config: TrainerConfig, resume: bool = False, accelerator: Optional[Accelerator] = None):
         self.config = config.validate()
@@ -66,14 +72,25 @@ class Trainer:
         world = self.accelerator.num_processes
         torch.set_num_threads(config.num_threads)
         if config.prompts_per_step % world:
-            raise ValueError(f"config field 'prompts_per_step': got {config.prompts_per_step}, expected a multiple "
-                             f"of the number of processes ({world})")
+            raise TrainerInputError(f"config field 'prompts_per_step': got {config.prompts_per_step}, expected a "
+                                    f"multiple of the number of processes ({world})")
         self.local_prompts = config.prompts_per_step // world
         if config.minibatches > self.local_prompts * config.group_size:
-            raise ValueError(f"config field 'minibatches': got {config.minibatches}, expected at most the responses "
-                             f"per process ({self.local_prompts * config.group_size})")
+            raise TrainerInputError(f"config field 'minibatches': got {config.minibatches}, expected at most the "
+                                    f"responses per process ({self.local_prompts * config.group_size})")
         self.loss_kwargs = config.loss_kwargs()
-        os.makedirs(config.output_dir, exist_ok=True)
+        prepare_output_dir(config.output_dir)
+        if self.accelerator.is_main_process:
+            remove_orphans(config.output_dir, (CHECKPOINT_NAME, METRICS_NAME))
+        checkpoint = None
+        self.start_step = 0
+        if resume:
+            checkpoint = load_checkpoint(config.output_dir)
+            check_resume(checkpoint, config, world)
+            self.start_step = checkpoint["next_step"]
+        # Read (and check) the metrics of the steps kept; the file is rewritten when train() starts.
+        self.metrics_log = MetricsLog(config.output_dir, self.start_step) if self.accelerator.is_main_process \
+            else None
 
         if config.data is not None:
             self.dataset = JsonlDataset(config.data, config.seed)
@@ -86,6 +103,9 @@ class Trainer:
             self.processor = build_processor(words, config.image_size)
             model = build_model(self.processor.tokenizer, config.seed)
 
+        self.tokenizer_vocabulary = self.processor.tokenizer.get_vocab()
+        if checkpoint is not None:
+            check_vocabulary(checkpoint["vocabulary"], self.tokenizer_vocabulary)
         self._setup_tokens(model)
         policy = CompletionHiddenStates(model, self.vocabulary)
         self.reference = None
@@ -102,11 +122,8 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
-        self.start_step = 0
-        if resume:
-            self._restore(load_checkpoint(config.output_dir))
-        self.metrics_log = MetricsLog(config.output_dir, self.start_step) if self.accelerator.is_main_process \
-            else None
+        if checkpoint is not None:
+            self._restore(checkpoint)
 
     # Setup.
 
@@ -151,18 +168,21 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_checkpoint(self.config.output_dir, model_state=self.model.state_dict(),
                             optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
-                            next_step=next_step, rng_states=rng_states, config=self.config.to_dict())
+                            next_step=next_step, rng_states=rng_states, config=self.config.to_dict(),
+                            vocabulary=self.tokenizer_vocabulary)
         self.accelerator.wait_for_everyone()
 
     def _restore(self, checkpoint: Dict) -> None:
-        if len(checkpoint["rng_states"]) != self.accelerator.num_processes:
-            raise ValueError(f"--resume: the checkpoint was written by {len(checkpoint['rng_states'])} process(es), "
-                             f"this run has {self.accelerator.num_processes}; resume with the same number")
-        self.model.load_state_dict(checkpoint["model"])
+        """Load the state of a checkpoint that ``check_resume`` and ``check_vocabulary`` accepted."""
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:  # missing or unexpected keys, or shapes that differ
+            where = self.config.model or "the tiny default"
+            raise TrainerInputError(f"--resume: the checkpoint's weights do not fit the model of {where} "
+                                    f"({' '.join(str(error).split())[:300]})") from None
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng_states"][self.accelerator.process_index])
-        self.start_step = checkpoint["next_step"]
 
     # One step.
 
@@ -354,21 +374,23 @@ class Trainer:
         """Run the remaining steps; write metrics, checkpoints and the plot; return this run's step records."""
         config, accelerator = self.config, self.accelerator
         is_main = accelerator.is_main_process
+        if is_main:
+            self.metrics_log.start()
         records = []
-        progress = tqdm(range(self.start_step, config.steps), initial=self.start_step, total=config.steps,
-                        disable=not is_main, desc=f"{config.preset}", dynamic_ncols=True)
-        for step in progress:
-            record = self.train_step(step)
-            if is_main and config.eval_every and (step % config.eval_every == 0 or step == config.steps - 1):
-                record.update(self.evaluate())
-            if is_main:
-                self.metrics_log.write(record)
-                progress.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
-                                     kl=f"{record.get('perception_kl', 0.0):.3f}")
-            records.append(record)
-            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-                self.save(step + 1)
-        progress.close()
+        # The context closes the progress bar also when a step raises, so an error starts on a line of its own.
+        with tqdm(range(self.start_step, config.steps), initial=self.start_step, total=config.steps,
+                  disable=not is_main, desc=f"{config.preset}", dynamic_ncols=True) as progress:
+            for step in progress:
+                record = self.train_step(step)
+                if is_main and config.eval_every and (step % config.eval_every == 0 or step == config.steps - 1):
+                    record.update(self.evaluate())
+                if is_main:
+                    self.metrics_log.write(record)
+                    progress.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
+                                         kl=f"{record.get('perception_kl', 0.0):.3f}")
+                records.append(record)
+                if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+                    self.save(step + 1)
         self.save(config.steps)
         if is_main:
             plot_metrics(read_metrics(config.output_dir), config.output_dir,

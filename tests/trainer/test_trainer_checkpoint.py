@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from papo_kernels.trainer import Trainer, checkpoint
+from papo_kernels.trainer.errors import TrainerInputError
 from papo_kernels.trainer.metrics_log import read_metrics
 
 from trainer_helpers import small_config
@@ -42,7 +43,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     state = dict(model_state={"w": torch.ones(3)}, optimizer_state={}, scheduler_state={}, rng_states=[{}],
-                 config={"steps": 1})
+                 config={"steps": 1}, vocabulary={"red": 0})
     checkpoint.save_checkpoint(tmp_path, next_step=5, **state)
 
     def killed_mid_write(payload, handle):
@@ -60,5 +61,5 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatc
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(TrainerInputError, match="no checkpoint at"):
         Trainer(small_config(tmp_path), resume=True)

@@ -17,7 +17,9 @@ def read_lines(path):
 
 def test_default_run_writes_metrics_plot_and_checkpoint_then_resumes(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["--output-dir", str(out), "--steps", "3", "--eval-every", "2", "--save-every", "2"] + SMALL) == 0
+    # A constant learning rate, so the run can be extended on resume.
+    assert main(["--output-dir", str(out), "--steps", "3", "--eval-every", "2", "--save-every", "2",
+                 "--lr-schedule", "constant"] + SMALL) == 0
     records = read_lines(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
     for key in ("reward", "accuracy", "response_length", "policy_loss", "clip_fraction_low", "clip_fraction_high",
@@ -70,7 +72,8 @@ def test_malformed_jsonl_names_the_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--output-dir", str(tmp_path), "--data", str(tmp_path / "bad.jsonl")])
     assert "line 1: image file not found" in capsys.readouterr().err
-    (tmp_path / "x.png").write_bytes(b"")
+    from PIL import Image
+    Image.new("RGB", (56, 56)).save(tmp_path / "x.png")
     with pytest.raises(SystemExit):
         main(["--output-dir", str(tmp_path), "--data", str(tmp_path / "bad.jsonl")])
     assert "line 2 is not valid JSON" in capsys.readouterr().err

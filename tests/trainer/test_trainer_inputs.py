@@ -1,0 +1,128 @@
+"""Trainer inputs: an unusable output directory, data file, image or model folder is a one-line
+``papo-train: error: ...`` naming it, raised before the work that does not need it."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from papo_kernels.train import main
+from papo_kernels.trainer import Trainer
+from papo_kernels.trainer.data import JsonlDataset
+from papo_kernels.trainer.errors import TrainerInputError
+from papo_kernels.trainer.metrics_log import METRICS_NAME, read_metrics
+
+from cli_helpers import SMALL_FLAGS, cli_error
+from trainer_helpers import small_config
+
+# Checked after the output directory, before the data is read or the model built: an error about it proves the order.
+MISSING_MODEL = ["--model", "/nonexistent/model"]
+
+
+def test_an_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "run").write_text("a file")
+    assert cli_error(capsys, ["--output-dir", str(tmp_path / "run")] + MISSING_MODEL) == \
+        f"output_dir: {tmp_path / 'run'} is a file, expected a directory (or a path to create one at)"
+
+
+@pytest.mark.parametrize("where, reason", [("file/run", "Not a directory"),
+                                           ("/sys", "Permission denied"),  # unwritable, even for root
+                                           ("/sys/papo-run", "Operation not permitted")])
+def test_an_output_dir_that_cannot_be_written(tmp_path, capsys, where, reason):
+    (tmp_path / "file").write_text("a file")
+    output_dir = tmp_path / where  # an absolute `where` replaces tmp_path
+    assert cli_error(capsys, ["--output-dir", str(output_dir)] + MISSING_MODEL) == \
+        f"output_dir: cannot write in {output_dir} ({reason})"
+
+
+def write_jsonl(directory, images, question="what color is the square ?"):
+    path = directory / "train.jsonl"
+    path.write_text("".join(json.dumps({"image": image, "question": question, "answer": "red"}) + "\n"
+                            for image in images))
+    return path
+
+
+def red_png(path):
+    Image.new("RGB", (56, 56), (230, 40, 40)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image\n", b"\x89PNG\r\n\x1a\n\x00\x00"],
+                         ids=["empty", "text", "png-signature-only"])
+def test_a_jsonl_image_that_is_no_image_fails_when_the_data_loads(tmp_path, capsys, content):
+    red_png(tmp_path / "red.png")
+    (tmp_path / "bad.png").write_bytes(content)
+    data = write_jsonl(tmp_path, ["red.png", "bad.png"])
+    message = cli_error(capsys, ["--data", str(data), "--output-dir", str(tmp_path / "run")] + MISSING_MODEL)
+    assert message.startswith(f"--data: {data}, line 2: {tmp_path / 'bad.png'} is not an image PIL can read ("), \
+        message
+
+
+def test_a_jsonl_image_path_that_is_a_folder(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    data = write_jsonl(tmp_path, ["images"])
+    assert cli_error(capsys, ["--data", str(data), "--output-dir", str(tmp_path / "run")]) == \
+        f"--data: {data}, line 1: image file not found: {tmp_path / 'images'}"
+
+
+def test_an_image_that_fails_to_decode_stops_before_its_step_does_work(tmp_path, capsys):
+    # The header reads, the pixels do not: found when a step samples the prompt, before it generates anything.
+    png = red_png(tmp_path / "red.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(png[:len(png) // 2])
+    data = write_jsonl(tmp_path, ["truncated.png"])
+    message = cli_error(capsys, ["--data", str(data), "--output-dir", str(tmp_path / "run"), "--steps", "2"]
+                        + SMALL_FLAGS)
+    assert message == (f"--data: {data}, line 1: the image {tmp_path / 'truncated.png'} cannot be decoded (image file "
+                       "is truncated)")
+    assert read_metrics(tmp_path / "run") == []
+
+
+def test_jsonl_bytes_that_are_not_utf8_name_the_line(tmp_path, capsys):
+    red_png(tmp_path / "red.png")
+    data = write_jsonl(tmp_path, ["red.png"])
+    data.write_bytes(data.read_bytes() + b'{"image": "red.png", "question": "\xff", "answer": "red"}\n')
+    assert cli_error(capsys, ["--data", str(data), "--output-dir", str(tmp_path / "run")]) == \
+        f"--data: {data}, line 2 is not UTF-8 (invalid start byte at byte 35)"
+
+
+def test_a_line_separator_inside_a_json_string_does_not_split_the_record(tmp_path):
+    red_png(tmp_path / "red.png")
+    data = write_jsonl(tmp_path, ["red.png", "red.png"], question="what color\u2028is the square ?")
+    data.write_text(data.read_text().replace("\\u2028", "\u2028"))  # the raw character, as JSON allows
+    dataset = JsonlDataset(data, seed=0)
+    assert len(dataset) == 2 and dataset.records[1]["line"] == 2
+
+
+def test_a_model_folder_with_a_broken_config(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2_vl", ')
+    message = cli_error(capsys, ["--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "run")])
+    assert message.startswith("--model: ") and "config.json" in message and "not a valid JSON file" in message, message
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompts-per-step", "4", "--group-size", "2", "--minibatches", "9"],
+     "config field 'minibatches': got 9, expected at most the responses per process (8)"),
+    (["--resume", "--config", "run.yaml"],
+     "--resume takes the config saved in the checkpoint; give flags, not --config"),
+])
+def test_other_setup_errors_are_one_line(tmp_path, capsys, argv, message):
+    assert cli_error(capsys, ["--output-dir", str(tmp_path)] + argv) == message
+
+
+def test_the_python_api_raises_the_same_error_type(tmp_path):
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(TrainerInputError, match="is a file, expected a directory"):
+        Trainer(small_config(tmp_path / "run"))
+    assert issubclass(TrainerInputError, ValueError)
+
+
+def test_a_bug_is_not_turned_into_a_one_line_error(tmp_path, monkeypatch):
+    # Only TrainerInputError becomes `papo-train: error:`; any other exception keeps its traceback.
+    def broken_step(self, step):
+        raise ValueError("a bug inside a step")
+
+    monkeypatch.setattr(Trainer, "train_step", broken_step)
+    with pytest.raises(ValueError, match="a bug inside a step"):
+        main(["--output-dir", str(tmp_path), "--steps", "1"] + SMALL_FLAGS)
+    assert (tmp_path / METRICS_NAME).read_text() == ""
