@@ -16,7 +16,6 @@ import importlib.metadata
 import warnings
 
 TESTED_TRL = (">=1.16.0", "<1.17")
-_TESTED_MIN, _TESTED_BELOW = (1, 16, 0), (1, 17)
 
 try:
     import trl  # noqa: F401
@@ -26,19 +25,10 @@ except ImportError as error:
         f"(tested with trl{','.join(TESTED_TRL)})"
     ) from error
 
-
-def _release(version: str) -> tuple:
-    parts = []
-    for part in version.split("."):
-        digits = "".join(character for character in part if character.isdigit())
-        if not digits or digits != part:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
+from packaging.specifiers import SpecifierSet  # noqa: E402 (a dependency of TRL)
 
 _TRL_VERSION = importlib.metadata.version("trl")
-if not _TESTED_MIN <= _release(_TRL_VERSION) < _TESTED_BELOW:
+if _TRL_VERSION not in SpecifierSet(",".join(TESTED_TRL)):
     warnings.warn(f"papo_kernels.integrations.trl is tested with trl{','.join(TESTED_TRL)}; found trl "
                   f"{_TRL_VERSION}. PAPOTrainer overrides private GRPOTrainer methods, which may have changed.",
                   stacklevel=2)
