@@ -13,9 +13,18 @@ Modes: ``forward`` builds the outputs and their autograd graph, ``backward``
 runs the backward of those outputs with fixed cotangents, ``full`` does both.
 Each implementation declares what it computes fused, what it needs an extra
 plain-PyTorch call for, and which ops or modes it cannot run.
+
+Two logit distributions (``DISTRIBUTIONS``): ``spread`` (logits with a standard
+deviation near 1, token entropy near log V, tokens drawn uniformly) and
+``peaked``, like a trained model's: the head is scaled so that the mean token
+entropy of the clean pass is ``PEAKED_ENTROPY`` nats (calibrated on the inputs
+themselves) and the tokens are sampled from the clean distribution, as rollouts are.
 """
 
+import functools
+import importlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
@@ -23,12 +32,17 @@ import torch
 from torch import Tensor
 
 import papo_kernels
+from papo_kernels.fast_path import EPILOGUES, resolve_epilogue
+
+from . import distributions
 
 OPS = ("logprobs", "perception_kl", "papo_loss")
 MODES = ("forward", "backward", "full")
 OUTPUTS = {"logprobs": 2, "perception_kl": 5, "papo_loss": 1}
 
 TEMPERATURE = 1.0
+TRL_VOCABULARY_CHUNK = 32768  # TRL's GRPOTrainer passes this chunk size (_CHUNKED_LOGPROB_CHUNK_SIZE)
+MASKED_LOGIT_NOISE = 0.5  # standard deviation of the masked pass's logits around the clean ones
 SEQUENCE_LENGTH = 512  # papo_loss sees the N tokens as (N / T, T) responses of T tokens
 # PAPO-D's published setting with both PAPO terms exact and dual clip off (no peer has it).
 PAPO_LOSS_CONFIG = dict(epsilon_low=0.2, epsilon_high=0.28, dual_clip=None, beta=0.0, gamma=0.01,
@@ -56,6 +70,8 @@ class Inputs:
     mask: Tensor
     advantages: Tensor
     cotangents: Dict[str, Outputs]
+    distribution: str
+    description: str  # the distribution and its measured mean token entropy, for the results' note column
 
     @property
     def batch_shape(self) -> Tuple[int, int]:
@@ -72,22 +88,34 @@ class Inputs:
             leaf.grad = None
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                distribution: str = "spread") -> Inputs:
     """Inputs of one case, the same for every implementation and every mode.
 
-    Logits come out with a standard deviation near 1 (weight scaled by D^-1/2);
-    the masked pass is the clean one plus noise, so the KL is small but not zero.
-    The LM head and both hidden states require grad, as in full fine-tuning.
+    ``spread``: logits with a standard deviation near 1 (weight scaled by D^-1/2), tokens
+    uniform. ``peaked``: the same head times a factor calibrated to a mean token entropy of
+    ``distributions.PEAKED_ENTROPY`` nats, tokens sampled from the clean pass. Either way
+    the masked pass is the clean one plus noise whose logits differ by about
+    ``MASKED_LOGIT_NOISE``, so the KL is small but not zero. The LM head and both hidden
+    states require grad, as in full fine-tuning.
     """
+    if distribution not in distributions.DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {list(distributions.DISTRIBUTIONS)}, got {distribution!r}")
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def normal(*size: int, scale: float = 1.0) -> Tensor:
-        return (torch.randn(*size, generator=generator, device=device) * scale).to(dtype)
+        return torch.randn(*size, generator=generator, device=device) * scale
 
-    hidden = normal(shape.n, shape.d)
-    hidden_masked = (hidden.float() + normal(shape.n, shape.d, scale=0.5).float()).to(dtype)
+    hidden = normal(shape.n, shape.d).to(dtype)
+    noise = normal(shape.n, shape.d, scale=MASKED_LOGIT_NOISE)
     weight = normal(shape.v, shape.d, scale=shape.d ** -0.5)
     tokens = torch.randint(shape.v, (shape.n,), generator=generator, device=device)
+    scale = 1.0
+    if distribution == "peaked":
+        scale = distributions.logit_scale_for_entropy(hidden, weight, distributions.PEAKED_ENTROPY)
+    # the noise shrinks as the head grows, so the masked logits stay about MASKED_LOGIT_NOISE away
+    hidden_masked = (hidden.float() + noise / scale).to(dtype)
+    weight = (weight * scale).to(dtype)
     sequence_length = min(shape.n, SEQUENCE_LENGTH)
     if shape.n % sequence_length:
         raise ValueError(f"N must be a multiple of {SEQUENCE_LENGTH} (or at most {SEQUENCE_LENGTH}), got {shape.n}")
@@ -99,8 +127,16 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
         for op, count in OUTPUTS.items() if op != "papo_loss"
     }
     cotangents["papo_loss"] = (torch.ones((), device=device),)
+    entropy = distributions.mean_entropy(hidden, weight)
+    description = f"{distribution} logits: mean token entropy {entropy:.3g} nats"
+    if distribution == "peaked":
+        low, high = distributions.PEAKED_RANGE
+        if not low <= entropy <= high:
+            raise RuntimeError(f"the peaked inputs' mean token entropy is {entropy:.3g} nats, outside [{low}, {high}]")
+        tokens = distributions.sample_tokens(hidden, weight, generator)
+        description += f" (head x{scale:.3g}, tokens sampled from p)"
     return Inputs(hidden.requires_grad_(), hidden_masked.requires_grad_(), weight.requires_grad_(), tokens, mask,
-                  advantages, cotangents)
+                  advantages, cotangents, distribution, description)
 
 
 def backward(op: str, inputs: Inputs, outputs: Outputs) -> None:
@@ -153,6 +189,7 @@ def token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
 # Builders: (op, inputs) -> forward callable.
 
 def package_builder(backend: str) -> Callable[[str, Inputs], Forward]:
+    """The package's per-token path on ``backend``: the LM-head ops, and papo_loss on top of them."""
     def build(op: str, x: Inputs) -> Forward:
         if op == "logprobs":
             return lambda: tuple(papo_kernels.linear_logprobs(
@@ -162,7 +199,19 @@ def package_builder(backend: str) -> Callable[[str, Inputs], Forward]:
                 x.hidden, x.hidden_masked, x.weight, x.tokens, temperature=TEMPERATURE, backend=backend))
         return lambda: (papo_kernels.papo_loss(
             x.batched(x.hidden), x.weight, x.batched(x.tokens), x.mask, x.advantages,
-            hidden_masked=x.batched(x.hidden_masked), temperature=TEMPERATURE, backend=backend,
+            hidden_masked=x.batched(x.hidden_masked), temperature=TEMPERATURE, path="per_token", backend=backend,
+            **PAPO_LOSS_CONFIG)[0],)
+    return build
+
+
+def fast_path_builder(epilogue: str) -> Callable[[str, Inputs], Forward]:
+    """papo_loss on its fast path with ``epilogue``: the loss and, inside the forward, its gradient."""
+    def build(op: str, x: Inputs) -> Forward:
+        if op != "papo_loss":
+            raise ValueError(f"the fast path computes papo_loss only, got op {op!r}")
+        return lambda: (papo_kernels.papo_loss(
+            x.batched(x.hidden), x.weight, x.batched(x.tokens), x.mask, x.advantages,
+            hidden_masked=x.batched(x.hidden_masked), temperature=TEMPERATURE, path="fast", backend=epilogue,
             **PAPO_LOSS_CONFIG)[0],)
     return build
 
@@ -233,6 +282,52 @@ def build_cut_cross_entropy(op: str, x: Inputs) -> Forward:
     return papo_loss
 
 
+def build_trl(op: str, x: Inputs) -> Forward:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    def logprobs_and_entropy(hidden: Tensor) -> Tuple[Tensor, Tensor]:
+        logprobs, entropy, *_ = ChunkedLogProbFunction.apply(
+            hidden, x.weight, None, x.tokens, TEMPERATURE, TRL_VOCABULARY_CHUNK, None, 1.0, ("entropy",))
+        return logprobs, entropy
+
+    def perception_kl() -> Outputs:
+        logprobs, entropy = logprobs_and_entropy(x.hidden)
+        logprobs_masked, entropy_masked = logprobs_and_entropy(x.hidden_masked)
+        kl = naive_kl(naive_log_softmax(x.hidden, x.weight), naive_log_softmax(x.hidden_masked, x.weight))
+        return logprobs, logprobs_masked, entropy, entropy_masked, kl
+
+    def papo_loss() -> Outputs:
+        logprobs, _, entropy, entropy_masked, kl = (x.batched(t) for t in perception_kl())
+        per_token = policy_loss(logprobs, x.advantages) + papo_terms(entropy, entropy_masked, kl)
+        return (token_mean(per_token, x.mask),)
+
+    return {"logprobs": lambda: logprobs_and_entropy(x.hidden), "perception_kl": perception_kl,
+            "papo_loss": papo_loss}[op]
+
+
+@functools.lru_cache(maxsize=None)
+def import_failure(module: str) -> Optional[str]:
+    """Why ``module`` does not import here, or None when it does."""
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # any failure of a peer's import is a reason to skip it, with its message
+        return f"{module} does not import: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    return None
+
+
+def epilogue_unavailable(epilogue: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why the fast path cannot use ``epilogue`` for inputs of ``device`` and ``dtype``, or None when it can."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the native epilogue warns when it falls back to torch
+            module = resolve_epilogue(epilogue, device, dtype)
+    except Exception as error:  # resolve_epilogue's errors say why (wrong device, no triton, build failure)
+        return f"epilogue {epilogue!r} unavailable: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    if module.NAME != epilogue:
+        return f"epilogue {epilogue!r} unavailable here (papo_kernels would fall back to {module.NAME!r})"
+    return None
+
+
 @dataclass(frozen=True)
 class Implementation:
     """One implementation and what it can and cannot compute."""
@@ -241,13 +336,27 @@ class Implementation:
     computes: str
     build: Callable[[str, Inputs], Forward]
     module: Optional[str] = None  # the package it needs, from the optional extra `bench`
+    imports: Tuple[str, ...] = ()  # modules that must import for it to run (a peer's own needs)
+    ops: FrozenSet[str] = frozenset(OPS)  # the ops it computes
     triton_ops: FrozenSet[str] = frozenset()  # ops that run Triton kernels
     gradient_in_forward: FrozenSet[str] = frozenset()  # ops whose forward already computes the gradients
+    unavailable: Optional[Callable[[torch.device, torch.dtype], Optional[str]]] = None  # why not on this device
 
-    def skip_reason(self, op: str, mode: str, device: torch.device, interpreter_shape: bool) -> Optional[str]:
+    def skip_reason(self, op: str, mode: str, device: torch.device, dtype: torch.dtype,
+                    interpreter_shape: bool) -> Optional[str]:
         """Why this case cannot run here, or None when it can."""
+        if op not in self.ops:
+            return f"computes {', '.join(sorted(self.ops))} only"
         if self.module is not None and importlib.util.find_spec(self.module) is None:
             return f"{self.module} not installed (pip install 'papo-kernels[bench]')"
+        for module in self.imports:
+            failure = import_failure(module)
+            if failure:
+                return failure
+        if self.unavailable is not None:
+            reason = self.unavailable(device, dtype)
+            if reason:
+                return reason
         if mode != "full" and op in self.gradient_in_forward:
             return "its forward computes the gradients too: only the full mode is comparable"
         if device.type == "cpu" and op in self.triton_ops and not interpreter_shape:
@@ -260,13 +369,35 @@ class Implementation:
 
 PACKAGE_DESCRIPTIONS = {
     "reference": "all three ops, exact; materialises the fp32 N x V logits of each pass (the package's reference)",
-    "torch": "all three ops, exact; chunked plain PyTorch with bounded temporaries, never the N x V logits",
-    "triton": "all three ops, exact; fused Triton kernels recomputing logits tile by tile",
+    "torch": "all three ops, exact; chunked plain PyTorch with bounded temporaries, never the N x V logits; "
+             "papo_loss on the per-token path (16 NDV: the backward recomputes the logits)",
+    "triton": "all three ops, exact; fused Triton kernels recomputing logits tile by tile; papo_loss on the "
+              "per-token path (16 NDV)",
+}
+EPILOGUE_DESCRIPTIONS = {
+    "torch": "plain PyTorch epilogue",
+    "triton": "Triton epilogue (two kernels: statistics, then dZ)",
+    "native": "native C++ CPU epilogue",
 }
 
 
+def fast_path_implementation(epilogue: str) -> Implementation:
+    return Implementation(
+        name=f"papo_kernels.fast.{epilogue}",
+        computes=f"papo_loss only, exact, on its fast path with the {EPILOGUE_DESCRIPTIONS.get(epilogue, epilogue)}: "
+                 "row chunks of logits by the device's library, the gradient computed inside the forward "
+                 "(12 NDV, nothing recomputed), 256 MiB workspace",
+        build=fast_path_builder(epilogue),
+        ops=frozenset({"papo_loss"}),
+        triton_ops=frozenset({"papo_loss"}) if epilogue == "triton" else frozenset(),
+        gradient_in_forward=frozenset({"papo_loss"}),
+        unavailable=functools.partial(epilogue_unavailable, epilogue),
+    )
+
+
 def implementations() -> List[Implementation]:
-    """This package's backends as listed in papo_kernels.BACKENDS (without "auto"), then the peers."""
+    """This package's per-token backends (papo_kernels.BACKENDS without "auto"), its fast path with each
+    epilogue (papo_kernels.fast_path.EPILOGUES without "auto"), then the peers."""
     package = [
         Implementation(
             name=f"papo_kernels.{backend}",
@@ -276,6 +407,7 @@ def implementations() -> List[Implementation]:
         )
         for backend in papo_kernels.BACKENDS if backend != "auto"
     ]
+    package += [fast_path_implementation(epilogue) for epilogue in EPILOGUES if epilogue != "auto"]
     peers = [
         Implementation(
             name="naive_torch",
@@ -302,6 +434,16 @@ def implementations() -> List[Implementation]:
             build=build_cut_cross_entropy,
             module="cut_cross_entropy",
             triton_ops=frozenset(OPS),
+        ),
+        Implementation(
+            name="trl_chunked_logprob",
+            computes="log-probs and exact entropy with gradient: trl.kernels.chunked_logprob.ChunkedLogProbFunction "
+                     f"(cuBLAS tiles of 4096 tokens x {TRL_VOCABULARY_CHUNK} vocabulary in the input dtype, a Triton "
+                     "fold on CUDA, torch ops elsewhere; backward recomputes each tile); one call per pass; no "
+                     "KL with gradient through both passes: it comes from an extra full-logits PyTorch call",
+            build=build_trl,
+            module="trl",
+            imports=("trl.kernels.chunked_logprob", "trl.trainer.utils"),
         ),
     ]
     return package + peers

@@ -3,14 +3,16 @@
     python -m benchmarks.run --gpu            # bf16, Qwen2.5-VL heads, N = 2048 .. 16384
     python -m benchmarks.run --cpu            # small fp32 shapes: shows the harness works, not GPU speed
     python -m benchmarks.run --cpu --quick    # tiny shapes, what CI runs
+    python -m benchmarks.run --gpu --pairs papo_loss:full logprobs:forward --distributions spread peaked
 
 Every implementation runs in this process on the same inputs (``make_inputs``),
 case after case, so each ratio in the results was measured side by side in one
 run. Per case and mode: median and 20/80% quantiles of the wall time, the
 achieved TFLOP/s of the analytic FLOP floor, and the peak memory above the
 inputs. A plain matrix product of the same size gives the rate the device
-reaches on this work. Last, the largest N whose papo_loss (full mode) fits a
-fixed memory budget, per implementation.
+reaches on this work. Each shape runs with each logit distribution asked for
+(``spread``, ``peaked``: benchmarks/distributions.py). Last, the largest N whose
+papo_loss (full mode) fits a fixed memory budget, per implementation.
 
 Results go to ``<out>/<device-slug>.csv`` (one row per measurement), ``.md`` and ``.png``.
 """
@@ -38,9 +40,10 @@ import torch
 import papo_kernels
 
 from . import flops
+from .distributions import DISTRIBUTIONS
 from .implementations import MODES, OPS, Implementation, Inputs, Shape, backward, implementations, make_inputs
 
-COLUMNS = ("implementation", "op", "mode", "N", "D", "V", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_mib",
+COLUMNS = ("implementation", "op", "mode", "N", "D", "V", "dtype", "distribution", "median_ms", "p20_ms", "p80_ms", "peak_mem_mib",
            "tflops", "device", "date", "version", "git_sha", "reps", "case", "budget_mib", "status", "note")
 MIN_REPS = 3
 MATMUL = "torch.matmul"
@@ -52,11 +55,21 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 
 
 INTERPRETER_HEAD = "interpreter-tiny"
+TIME_LIMIT_NOTE = "not run: the time limit was reached"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape of a head with one logit distribution."""
+
+    head: str
+    shape: Shape
+    distribution: str = "spread"
 
 
 @dataclass(frozen=True)
 class Sweep:
-    """Shapes and settings of one kind of run."""
+    """Shapes and settings of one kind of run: every head x N x distribution, or the ``explicit`` cases."""
 
     dtype: torch.dtype
     heads: Dict[str, Tuple[int, int]]  # name -> (D, V)
@@ -68,6 +81,8 @@ class Sweep:
     n_limit: int  # and stops here
     case_seconds: float  # a case stops timing after this long, once it has MIN_REPS timed runs
     interpreter_shape: Optional[Shape] = None  # on CPU, Triton implementations run here only, interpreted
+    distributions: Tuple[str, ...] = ("spread",)
+    explicit: Tuple[Case, ...] = ()  # when given, these cases instead of heads x ns x distributions
 
     def all_heads(self) -> Dict[str, Tuple[int, int]]:
         heads = dict(self.heads)
@@ -76,10 +91,15 @@ class Sweep:
             heads = {INTERPRETER_HEAD: (shape.d, shape.v), **heads}
         return heads
 
-    def cases(self) -> List[Tuple[str, Shape]]:
-        cases = [(head, Shape(n, d, v)) for head, (d, v) in self.heads.items() for n in self.ns]
-        if self.interpreter_shape is not None and self.interpreter_shape not in [shape for _, shape in cases]:
-            cases.insert(0, (INTERPRETER_HEAD, self.interpreter_shape))
+    def cases(self) -> List[Case]:
+        if self.explicit:
+            cases = list(self.explicit)
+        else:
+            cases = [Case(head, Shape(n, d, v), distribution) for head, (d, v) in self.heads.items()
+                     for n in self.ns for distribution in self.distributions]
+        if self.interpreter_shape is not None and self.interpreter_shape not in [case.shape for case in cases]:
+            distributions = dict.fromkeys(case.distribution for case in cases)
+            cases[:0] = [Case(INTERPRETER_HEAD, self.interpreter_shape, distribution) for distribution in distributions]
         return cases
 
 
@@ -250,19 +270,25 @@ class CsvFile:
 class Runner:
     """Runs the cases of one sweep and collects the rows."""
 
-    def __init__(self, sweep: Sweep, device: torch.device, chosen: List[Implementation], ops, modes, max_n: bool,
-                 context: Dict[str, str], csv_file: CsvFile):
-        self.sweep, self.device, self.chosen, self.ops, self.modes = sweep, device, chosen, ops, modes
+    def __init__(self, sweep: Sweep, device: torch.device, chosen: List[Implementation],
+                 pairs: Sequence[Tuple[str, str]], max_n: bool, context: Dict[str, str], csv_file: CsvFile,
+                 deadline: Optional[float] = None):
+        self.sweep, self.device, self.chosen, self.pairs = sweep, device, chosen, list(pairs)
         self.max_n = max_n
+        self.deadline = deadline  # time.monotonic() after which no case starts
         self.context = context
         self.csv_file = csv_file
         self.meter = PeakMemory(device)
         self.rows: List[Dict[str, object]] = []
+        self.inputs: Dict[tuple, str] = {}  # (N, D, V, distribution) -> the inputs' description
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     def row(self, implementation: str, op: str, mode: str, shape: Optional[Shape], **values) -> Dict[str, object]:
         row = {column: None for column in COLUMNS}
         row.update(implementation=implementation, op=op, mode=mode, dtype=str(self.sweep.dtype).removeprefix("torch."),
-                   case="sweep", status="ok", **self.context)
+                   distribution="spread", case="sweep", status="ok", **self.context)
         if shape is not None:
             row.update(N=shape.n, D=shape.d, V=shape.v)
         row.update(values)
@@ -273,24 +299,27 @@ class Runner:
     def log(self, row: Dict[str, object]) -> None:
         median = row["median_ms"]
         timing = f"{median:9.3f} ms" if median is not None else f"{row['status']:>12}"
-        print(f"  {row['implementation']:<28} {row['op']:<14} {row['mode']:<9} N={row['N'] or '-'!s:<6} {timing}  "
+        print(f"  {row['implementation']:<28} {row['op']:<14} {row['mode']:<9} N={row['N'] or '-'!s:<6} "
+              f"{row['distribution']:<7} {timing}  "
               f"{row['note'] or ''}", file=sys.stderr, flush=True)
 
     def measure(self, implementation: str, op: str, mode: str, shape: Shape, forward, inputs: Inputs,
                 flop_count: int, note: Optional[str]) -> None:
+        where = dict(distribution=inputs.distribution)
         try:
             times = time_mode(forward, op, inputs, mode, self.sweep, self.device)
             peak = peak_memory_mib(forward, op, inputs, mode, self.meter)
         except torch.cuda.OutOfMemoryError:
-            row = self.row(implementation, op, mode, shape, status="oom", note="out of device memory")
+            row = self.row(implementation, op, mode, shape, **where, status="oom", note="out of device memory")
+            release(self.device)  # an OOM's partial allocations must not burden the next case
         except Exception as error:  # a peer failing on this device is a result to record, not a crash
-            row = self.row(implementation, op, mode, shape, status="error",
-                           note=describe(error))
+            row = self.row(implementation, op, mode, shape, **where, status="error", note=describe(error))
+            release(self.device)
         else:
             stats = quantiles(times)
-            notes = [text for text in (note, self.meter.unavailable) if text]
-            row = self.row(implementation, op, mode, shape, **stats, reps=len(times), peak_mem_mib=peak,
-                           tflops=flops.tflops(flop_count, stats["median_ms"]), note="; ".join(notes) or None)
+            notes = [text for text in (note, self.meter.unavailable, inputs.description) if text]
+            row = self.row(implementation, op, mode, shape, **where, **stats, reps=len(times), peak_mem_mib=peak,
+                           tflops=flops.tflops(flop_count, stats["median_ms"]), note="; ".join(notes))
         inputs.zero_grad()
         self.log(row)
 
@@ -300,26 +329,41 @@ class Runner:
         self.measure(MATMUL, "matmul", "forward", shape, lambda: (hidden @ weight.T,), inputs,
                      flops.matmul_flops(shape.n, shape.d, shape.v), "hidden @ weight.T alone, no autograd")
 
+    def skip(self, impl: str, op: str, mode: str, shape: Shape, distribution: str, reason: str) -> None:
+        self.log(self.row(impl, op, mode, shape, distribution=distribution, status="skipped", note=reason))
+
     def sweep_cases(self) -> None:
         interpreter_shape = self.sweep.interpreter_shape
-        for head, shape in self.sweep.cases():
-            print(f"{head}: N={shape.n} D={shape.d} V={shape.v}", file=sys.stderr, flush=True)
-            inputs = make_inputs(shape, self.sweep.dtype, self.device)
+        for case in self.sweep.cases():
+            shape = case.shape
+            print(f"{case.head}: N={shape.n} D={shape.d} V={shape.v} {case.distribution}", file=sys.stderr, flush=True)
+            if self.out_of_time():
+                for impl in self.chosen:
+                    for op, mode in self.pairs:
+                        self.skip(impl.name, op, mode, shape, case.distribution, TIME_LIMIT_NOTE)
+                continue
+            inputs = make_inputs(shape, self.sweep.dtype, self.device, distribution=case.distribution)
+            print(f"  inputs: {inputs.description}", file=sys.stderr, flush=True)
+            self.inputs[(shape.n, shape.d, shape.v, case.distribution)] = inputs.description
             self.matmul(shape, inputs)
             for impl in self.chosen:
-                for op in self.ops:
-                    forward = None
-                    for mode in self.modes:
-                        reason = impl.skip_reason(op, mode, self.device, shape == interpreter_shape)
-                        if reason:
-                            self.log(self.row(impl.name, op, mode, shape, status="skipped", note=reason))
-                            continue
-                        if forward is None:
-                            forward = impl.build(op, inputs)
-                        note = ("TRITON_INTERPRET=1: Triton's interpreter on CPU, not a speed figure"
-                                if impl.interpreted(op, self.device) else None)
-                        self.measure(impl.name, op, mode, shape, forward, inputs,
-                                     flops.lm_head_flops(op, mode, shape.n, shape.d, shape.v), note)
+                forwards = {}
+                for op, mode in self.pairs:
+                    reason = (TIME_LIMIT_NOTE if self.out_of_time() else
+                              impl.skip_reason(op, mode, self.device, self.sweep.dtype, shape == interpreter_shape))
+                    if reason:
+                        self.skip(impl.name, op, mode, shape, case.distribution, reason)
+                        continue
+                    try:
+                        forward = forwards[op] = forwards.get(op) or impl.build(op, inputs)
+                    except Exception as error:  # a peer that cannot even build its call is recorded
+                        self.log(self.row(impl.name, op, mode, shape, distribution=case.distribution,
+                                          status="error", note=describe(error)))
+                        continue
+                    note = ("TRITON_INTERPRET=1: Triton's interpreter on CPU, not a speed figure"
+                            if impl.interpreted(op, self.device) else None)
+                    self.measure(impl.name, op, mode, shape, forward, inputs,
+                                 flops.lm_head_flops(op, mode, shape.n, shape.d, shape.v), note)
             del inputs
             release(self.device)
 
@@ -381,7 +425,8 @@ class Runner:
             return
         print(f"largest N within {self.sweep.budget_mib:g} MiB ({MAX_N_OP}, full)", file=sys.stderr, flush=True)
         for impl in self.chosen:
-            reason = impl.skip_reason(MAX_N_OP, "full", self.device, interpreter_shape=False)
+            reason = (TIME_LIMIT_NOTE if self.out_of_time() else
+                      impl.skip_reason(MAX_N_OP, "full", self.device, self.sweep.dtype, interpreter_shape=False))
             if reason:
                 head, (d, v) = list(self.sweep.heads.items())[-1]
                 self.log(self.row(impl.name, MAX_N_OP, "full", None, D=d, V=v, case="max_n",
@@ -437,8 +482,41 @@ def _number(value, digits: str) -> str:
     return format(value, digits)
 
 
+def section(head: str, d: int, v: int, distribution: str, sweep_rows: List[Dict[str, object]],
+            matmul_rate: Dict[tuple, float], naive_time: Dict[tuple, float], inputs: Dict[tuple, str]) -> List[str]:
+    """The tables of one head and one logit distribution, one per op; ``inputs`` describes each case's inputs."""
+    mine = [row for row in sweep_rows if (row["D"], row["V"], row["distribution"]) == (d, v, distribution)]
+    if not mine:
+        return []
+    lines = [f"## {head} (D = {d}, V = {v}), {distribution} logits", ""]
+    described = sorted((n, text) for (n, dd, vv, dist), text in inputs.items() if (dd, vv, dist) == (d, v, distribution))
+    lines += [f"- inputs at N = {n}: {text}" for n, text in described] + ([""] if described else [])
+    order = {mode: i for i, mode in enumerate(MODES)}
+    for op in ["matmul", *OPS]:
+        selected = [row for row in mine if row["op"] == op]
+        if not selected:
+            continue
+        lines += [f"### {op}", "", "| implementation | mode | N | median ms [p20, p80] | TFLOP/s | % mm | "
+                  "x naive | peak MiB | status |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for row in sorted(selected, key=lambda r: (order.get(r["mode"], 0), r["N"])):
+            key = (row["N"], row["D"], row["V"], row["distribution"])
+            ok = row["status"] == "ok"
+            rate = matmul_rate.get(key)
+            fraction = 100 * row["tflops"] / rate if ok and rate else None
+            naive = naive_time.get((row["op"], row["mode"], *key))
+            speedup = naive / row["median_ms"] if ok and naive else None
+            timing = (f"{row['median_ms']:.3f} [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]" if ok else "-")
+            note = (row["note"] or "").removesuffix(inputs.get(key, "\0")).rstrip("; ")  # the inputs are above
+            status = row["status"] + (f": {note}" if note else "")
+            lines.append(f"| {row['implementation']} | {row['mode']} | {row['N']} | {timing} | "
+                         f"{_number(row['tflops'], '.3g')} | {_number(fraction, '.1f')} | "
+                         f"{_number(speedup, '.2f')} | {_number(row['peak_mem_mib'], '.1f')} | {status} |")
+        lines.append("")
+    return lines
+
+
 def markdown(rows: List[Dict[str, object]], chosen: List[Implementation], sweep: Sweep, device: torch.device,
-             command: str) -> str:
+             command: str, inputs: Dict[tuple, str]) -> str:
     first = rows[0]
     lines = [
         f"# papo-kernels benchmarks: {first['device']}",
@@ -474,33 +552,16 @@ def markdown(rows: List[Dict[str, object]], chosen: List[Implementation], sweep:
         lines.append("")
 
     sweep_rows = [row for row in rows if row["case"] == "sweep" and row["status"] != "skipped"]
-    matmul_rate = {(row["N"], row["D"], row["V"]): row["tflops"] for row in sweep_rows
+    matmul_rate = {(row["N"], row["D"], row["V"], row["distribution"]): row["tflops"] for row in sweep_rows
                    if row["implementation"] == MATMUL and row["status"] == "ok"}
-    naive_time = {(row["op"], row["mode"], row["N"], row["D"], row["V"]): row["median_ms"] for row in sweep_rows
-                  if row["implementation"] == NAIVE and row["status"] == "ok"}
+    naive_time = {(row["op"], row["mode"], row["N"], row["D"], row["V"], row["distribution"]): row["median_ms"]
+                  for row in sweep_rows if row["implementation"] == NAIVE and row["status"] == "ok"}
     heads = {(d, v): name for name, (d, v) in sweep.all_heads().items()}
+    heads.update({(case.shape.d, case.shape.v): case.head for case in sweep.cases() if (case.shape.d, case.shape.v)
+                  not in heads})
     for (d, v), head in heads.items():
-        lines += [f"## {head} (D = {d}, V = {v})", ""]
-        for op in ["matmul", *OPS]:
-            selected = [row for row in sweep_rows if row["op"] == op and (row["D"], row["V"]) == (d, v)]
-            if not selected:
-                continue
-            lines += [f"### {op}", "", "| implementation | mode | N | median ms [p20, p80] | TFLOP/s | % mm | "
-                      "x naive | peak MiB | status |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-            order = {mode: i for i, mode in enumerate(MODES)}
-            for row in sorted(selected, key=lambda r: (order.get(r["mode"], 0), r["N"])):
-                key = (row["N"], row["D"], row["V"])
-                ok = row["status"] == "ok"
-                rate = matmul_rate.get(key)
-                fraction = 100 * row["tflops"] / rate if ok and rate else None
-                naive = naive_time.get((row["op"], row["mode"], *key))
-                speedup = naive / row["median_ms"] if ok and naive else None
-                timing = (f"{row['median_ms']:.3f} [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]" if ok else "-")
-                status = row["status"] + (f": {row['note']}" if row["note"] else "")
-                lines.append(f"| {row['implementation']} | {row['mode']} | {row['N']} | {timing} | "
-                             f"{_number(row['tflops'], '.3g')} | {_number(fraction, '.1f')} | "
-                             f"{_number(speedup, '.2f')} | {_number(row['peak_mem_mib'], '.1f')} | {status} |")
-            lines.append("")
+        for distribution in DISTRIBUTIONS:
+            lines += section(head, d, v, distribution, sweep_rows, matmul_rate, naive_time, inputs)
 
     max_rows = [row for row in rows if row["case"] == "max_n"]
     max_rows = [row for row in max_rows if row["status"] != "skipped"]
@@ -515,21 +576,33 @@ def markdown(rows: List[Dict[str, object]], chosen: List[Implementation], sweep:
     return "\n".join(lines)
 
 
+PLOTTED = (("papo_loss", "full"), ("perception_kl", "full"), ("logprobs", "full"), ("logprobs", "forward"))
+MODE_TITLES = {"full": "forward + backward", "forward": "forward", "backward": "backward"}
+
+
 def plot(rows: List[Dict[str, object]], sweep: Sweep, device: torch.device, path: Path) -> None:
-    """Time and peak memory of the full mode against N, one line per implementation, a row per head and op."""
+    """Time and peak memory against N, one line per implementation, a row of panels per head, distribution and
+    (op, mode) of PLOTTED that has results."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(head, d, v, op) for head, (d, v) in sweep.heads.items() for op in OPS]
-    figure, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    ok = [row for row in rows if row["case"] == "sweep" and row["status"] == "ok"]
+    heads = dict.fromkeys((case.head, case.shape.d, case.shape.v) for case in sweep.cases())
+    panels = [(head, d, v, distribution, op, mode) for head, d, v in heads for distribution in DISTRIBUTIONS
+              for op, mode in PLOTTED
+              if any((r["D"], r["V"], r["distribution"], r["op"], r["mode"]) == (d, v, distribution, op, mode)
+                     for r in ok)]
+    figure, axes = plt.subplots(max(1, len(panels)), 2, figsize=(11, 3.2 * max(1, len(panels))), squeeze=False)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no measurement succeeded", ha="center")
     label = "CPU" if device.type == "cpu" else "GPU"
     names = list(dict.fromkeys(row["implementation"] for row in rows))
-    styles = {name: dict(color=plt.cm.tab10(i % 10), marker="osD^vx*+"[i % 8]) for i, name in enumerate(names)}
-    for (head, d, v, op), (time_axis, memory_axis) in zip(panels, axes):
-        selected = [row for row in rows if row["case"] == "sweep" and row["op"] == op and row["mode"] == "full"
-                    and (row["D"], row["V"]) == (d, v) and row["status"] == "ok"]
+    styles = {name: dict(color=plt.cm.tab20(i % 20), marker="osD^vx*+<>ph"[i % 11]) for i, name in enumerate(names)}
+    for (head, d, v, distribution, op, mode), (time_axis, memory_axis) in zip(panels, axes):
+        selected = [row for row in ok if (row["D"], row["V"], row["distribution"], row["op"], row["mode"])
+                    == (d, v, distribution, op, mode)]
         for name in dict.fromkeys(row["implementation"] for row in selected):
             points = sorted((row["N"], row["median_ms"], row["peak_mem_mib"]) for row in selected
                             if row["implementation"] == name)
@@ -542,14 +615,13 @@ def plot(rows: List[Dict[str, object]], sweep: Sweep, device: torch.device, path
             axis.set_xscale("log", base=2)
             axis.set_xlabel("N (tokens per pass)")
             axis.set_ylabel(what)
-            axis.set_title(f"{label} {head}: {op}, forward + backward", fontsize=9)
+            axis.set_title(f"{label} {head}, {distribution}: {op}, {MODE_TITLES[mode]}", fontsize=9)
             axis.grid(True, which="both", alpha=0.3)
-        if selected:
-            time_axis.legend(fontsize=7)
+        time_axis.legend(fontsize=6)
     first = rows[0]
     figure.suptitle(f"{first['device']}, {first['date']}, git {first['git_sha'][:12]}, {first['dtype']}", fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.12 / len(panels)))  # room for the title
-    figure.savefig(path, dpi=110)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.12 / max(1, len(panels))))  # room for the title
+    figure.savefig(path, dpi=90)
     plt.close(figure)
 
 
@@ -585,6 +657,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def op_mode(text: str) -> Tuple[str, str]:
+    op, _, mode = text.partition(":")
+    if op not in OPS or mode not in MODES:
+        raise argparse.ArgumentTypeError(f"expected OP:MODE with OP in {list(OPS)} and MODE in {list(MODES)}, "
+                                         f"got {text!r}")
+    return op, mode
+
+
 def parse_args(argv: Optional[Sequence[str]], names: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
@@ -596,12 +676,18 @@ def parse_args(argv: Optional[Sequence[str]], names: List[str]) -> argparse.Name
                         help=f"subset to run, among {', '.join(names)} (default all)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="ops to run (default all)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to run (default all)")
+    parser.add_argument("--pairs", nargs="+", type=op_mode, metavar="OP:MODE",
+                        help="these (op, mode) pairs instead of every op x mode, e.g. papo_loss:full logprobs:forward")
+    parser.add_argument("--distributions", nargs="+", choices=DISTRIBUTIONS, help="logit distributions of the "
+                        "inputs (default spread; benchmarks/distributions.py)")
     parser.add_argument("--n", nargs="+", type=positive_int, metavar="N", help="tokens per pass, instead of the "
                         "sweep's (multiples of 512 above 512)")
     parser.add_argument("--reps", type=positive_int, help="timed runs per case (default: the sweep's)")
     parser.add_argument("--warmup", type=nonnegative_int, help="untimed runs first (default: the sweep's)")
     parser.add_argument("--budget-mib", type=positive_float, help="memory budget of the largest-N search")
     parser.add_argument("--no-max-n", action="store_true", help="skip the largest-N search")
+    parser.add_argument("--time-limit-s", type=positive_float, help="start no case after this many seconds; the "
+                        "cases left are recorded as skipped and the files still written")
     args = parser.parse_args(argv)
     if args.quick and not args.cpu:
         parser.error("--quick goes with --cpu only")
@@ -614,34 +700,46 @@ def parse_args(argv: Optional[Sequence[str]], names: List[str]) -> argparse.Name
     return args
 
 
+def run_sweep(sweep: Sweep, device: torch.device, chosen: List[Implementation], pairs: Sequence[Tuple[str, str]],
+              max_n: bool, out: Path, command: str, deadline: Optional[float] = None) -> Tuple[Path, List[dict]]:
+    """Runs ``sweep`` and writes ``<out>/<device-slug>.csv``, ``.md`` and ``.png``; returns the CSV's path and
+    the rows."""
+    name = device_name(device)
+    context = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "version": papo_kernels.__version__, "git_sha": git_sha()}
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / device_slug(device, name)
+    csv_file = CsvFile(stem.with_suffix(".csv"))
+    runner = Runner(sweep, device, chosen, pairs, max_n, context, csv_file, deadline)
+    try:
+        rows = runner.run()
+    finally:
+        csv_file.close()
+    stem.with_suffix(".md").write_text(markdown(rows, chosen, sweep, device, command, runner.inputs))
+    plot(rows, sweep, device, stem.with_suffix(".png"))
+    print(f"wrote {stem}.csv, .md and .png", file=sys.stderr)
+    return stem.with_suffix(".csv"), rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
+    started = time.monotonic()
     chosen_all = implementations()
     args = parse_args(argv, [impl.name for impl in chosen_all])
     sweep = SWEEPS["gpu" if args.gpu else "quick" if args.quick else "cpu"]
     overrides = {key: value for key, value in (("ns", tuple(sorted(set(args.n or ()))) or None), ("reps", args.reps),
-                                               ("warmup", args.warmup), ("budget_mib", args.budget_mib))
+                                               ("warmup", args.warmup), ("budget_mib", args.budget_mib),
+                                               ("distributions", tuple(args.distributions or ()) or None))
                  if value is not None}
     sweep = dataclasses.replace(sweep, **overrides)
     device = torch.device("cuda" if args.gpu else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
     chosen = [impl for impl in chosen_all if impl.name in args.implementations]
-
-    name = device_name(device)
-    context = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "version": papo_kernels.__version__, "git_sha": git_sha()}
+    pairs = args.pairs or [(op, mode) for op in args.ops for mode in args.modes]
+    deadline = None if args.time_limit_s is None else started + args.time_limit_s
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / device_slug(device, name)
-    csv_file = CsvFile(stem.with_suffix(".csv"))
-    try:
-        rows = Runner(sweep, device, chosen, args.ops, args.modes, not args.no_max_n, context, csv_file).run()
-    finally:
-        csv_file.close()
-    stem.with_suffix(".md").write_text(markdown(rows, chosen, sweep, device, command))
-    plot(rows, sweep, device, stem.with_suffix(".png"))
-    print(f"wrote {stem}.csv, .md and .png", file=sys.stderr)
-    return stem.with_suffix(".csv")
+    csv_path, _ = run_sweep(sweep, device, chosen, pairs, not args.no_max_n, args.out, command, deadline)
+    return csv_path
 
 
 if __name__ == "__main__":
