@@ -14,7 +14,8 @@ builds anew. ``PAPO_KERNELS_REBUILD=1`` rebuilds even when the cache holds a lib
 Concurrent first use (pytest workers, DDP ranks, processes sharing a home directory): one
 process builds while the others wait on an ``fcntl`` lock of the cache entry (released by the
 kernel if the builder dies); a build happens in a private folder and its library moves into
-place with an atomic ``os.replace``, so no process ever loads a half-written file.
+place with an atomic ``os.replace``, so no process ever loads a half-written file. The folder
+of a builder that died is removed by the next holder of the lock.
 """
 
 import contextlib
@@ -127,11 +128,14 @@ def _build(entry: Path, compiler: str, ninja_folder: str) -> Path:
 
     work = Path(tempfile.mkdtemp(prefix="build-", dir=entry))
     log = entry / "build.log"
+    library = entry / f"{LIBRARY_NAME}.so"
     try:
         with _path_with(ninja_folder):
             cpp_extension.load(name=LIBRARY_NAME, sources=[str(SOURCE_DIR / name) for name in SOURCES],
                                extra_cflags=build_flags(), extra_ldflags=["-fopenmp"],
                                build_directory=str(work), is_python_module=False, verbose=False)
+        os.replace(work / f"{LIBRARY_NAME}.so", library)
+        log.unlink(missing_ok=True)  # an earlier failure's
     except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
         output = "\n".join(str(part) for part in (error, getattr(error, "output", None), getattr(error, "stderr", None))
                            if part)
@@ -140,9 +144,8 @@ def _build(entry: Path, compiler: str, ninja_folder: str) -> Path:
         raise NativeBuildError(
             f"building papo_kernels' native CPU epilogue with {compiler} failed; the compiler's output "
             f"(in full in {log}):\n{tail}\nUse backend='torch' to run without it.") from error
-    library = entry / f"{LIBRARY_NAME}.so"
-    os.replace(work / f"{LIBRARY_NAME}.so", library)
-    shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return library
 
 
@@ -170,6 +173,8 @@ def load() -> Path:
                                 "writable folder") from error
     library = entry / f"{LIBRARY_NAME}.so"
     with _exclusive(entry / "lock"):
+        for stale in entry.glob("build-*"):  # left by a builder that died: only the lock's holder builds
+            shutil.rmtree(stale, ignore_errors=True)
         if library.exists() and os.environ.get(REBUILD_VARIABLE, "0") in ("", "0"):
             try:
                 torch.ops.load_library(str(library))
