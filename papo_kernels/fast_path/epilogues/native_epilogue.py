@@ -6,7 +6,8 @@ written over the logits or into ``out``. The logits are only read by ``statistic
 temporaries. The ops are ``torch.ops.papo_kernels.epilogue_statistics``,
 ``epilogue_logit_gradient`` (out=) and ``epilogue_logit_gradient_`` (over the logits); this module
 gives them fake kernels (``torch.compile``, ``opcheck``) and makes the statistics op differentiable,
-its backward being the gradient op.
+its backward being the gradient op. The numerics (sums in blocks, H and KL consistent with the
+rounded lse) are described in ``csrc/papo_epilogue.h``.
 
 ``resolve(strict)`` builds the library (``native_build.load``) and returns this module, or, where
 no toolchain can build it, the torch epilogue with one warning that says why; a failed build
@@ -43,6 +44,7 @@ def statistics(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperatu
 
 def logit_gradient(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
                    stats: RowStatistics, grads: UpstreamGradients, out: Tensor) -> None:
+    # the ops take a gradient for every statistic; the loss has none for lse and lse~ (None)
     inputs = (tokens, bias, float(temperature), stats.lse, stats.entropy, stats.lse_masked, stats.entropy_masked,
               stats.kl, grads.logprobs, grads.entropy, None, grads.logprobs_masked, grads.entropy_masked, None, grads.kl)
     if out is logits:
