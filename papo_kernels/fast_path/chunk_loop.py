@@ -8,7 +8,7 @@ Per chunk of C tokens (shared STYLE.md, "a path built from library products and 
 3. the per-token upstream gradients, by autograd on the chunk's small per-token graph of
    ``objective.token_losses`` over the detached statistics: the objective is written once;
 4. the epilogue's second sweep: dZ, the gradient with respect to the raw logits, in place;
-5. ``d[h; h~] = dZ @ W`` written into the chunk's rows of the hidden gradients, and
+5. ``d[h; h~] = dZ @ W`` (one product for both passes) copied into the chunk's rows of the hidden gradients, and
    ``dW += dZ^T @ [h; h~]`` into one float32 (V, D) accumulator (the gradient itself when
    W is float32), ``db += sum_rows dZ``.
 
@@ -94,7 +94,8 @@ def rows_per_chunk(n: int, vocab_size: int, dim: int, paired: bool, itemsize: in
                    epilogue_bytes_per_token: int, workspace_bytes: int) -> int:
     """The most tokens per chunk whose workspace fits ``workspace_bytes`` (at least 1)."""
     passes = 2 if paired else 1
-    per_token = passes * vocab_size * itemsize + epilogue_bytes_per_token + passes * dim * itemsize
+    # the logits, the epilogue's temporaries, the chunk's hidden rows and their gradient rows
+    per_token = passes * vocab_size * itemsize + epilogue_bytes_per_token + 2 * passes * dim * itemsize
     if half_dz:
         per_token += passes * vocab_size * 2
     return max(1, min(n, workspace_bytes // per_token))
@@ -145,6 +146,7 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
     device = hidden.device
     logits_buffer = torch.empty(passes * chunk, vocab_size, dtype=result_dtype, device=device)
     dz_buffer = torch.empty(passes * chunk, vocab_size, dtype=weight.dtype, device=device) if half_dz else None
+    grad_rows_buffer = torch.empty(passes * chunk, dim, dtype=hidden.dtype, device=device)
 
     # The hidden gradients are made at the first chunk that sends gradient to their pass: a pass whose
     # statistics the loss does not use gets None, as autograd would give it.
@@ -171,12 +173,19 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
         # Rows of a pass without gradient are skipped: [clean rows | masked rows] of dz and chunk_rows.
         first = 0 if upstream.clean else count
         last = passes * count if paired and upstream.masked else count
-        if needs_hidden and upstream.clean:
-            grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else grad_hidden
-            products.grad_rows(dz[:count], out=grad_hidden[rows])
-        if needs_hidden_masked and upstream.masked:
-            grad_hidden_masked = torch.zeros_like(hidden_masked) if grad_hidden_masked is None else grad_hidden_masked
-            products.grad_rows(dz[count:], out=grad_hidden_masked[rows])
+        # d[h; h~] = dZ W in one product over the rows of both passes (W is read once a chunk), then split.
+        grad_first = 0 if needs_hidden and upstream.clean else count
+        grad_last = passes * count if needs_hidden_masked and upstream.masked else count
+        if grad_first < grad_last:
+            grad_rows = grad_rows_buffer[:grad_last - grad_first]
+            products.grad_rows(dz[grad_first:grad_last], out=grad_rows)
+            if grad_first == 0:
+                grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else grad_hidden
+                grad_hidden[rows] = grad_rows[:count]
+            if grad_last > count:
+                grad_hidden_masked = torch.zeros_like(hidden_masked) if grad_hidden_masked is None \
+                    else grad_hidden_masked
+                grad_hidden_masked[rows] = grad_rows[-count:]
         if needs_weight:
             products.accumulate_grad_weight(grad_weight, dz[first:last], chunk_rows[first:last])
         if needs_bias:
