@@ -3,6 +3,7 @@
     papo-train                                   # tiny Qwen2-VL, synthetic shapes, offline, CPU
     papo-train --preset dapo --output-dir runs/dapo   # the same without the PAPO terms
     papo-train --model ~/models/Qwen2.5-VL-3B-Instruct --data train.jsonl --preset papo_g
+    papo-train --config examples/qwen2_5_vl_3b_papo_d.yaml       # the GPU recipe (README, Training)
     accelerate launch --num_processes 2 -m papo_kernels.train ...   # data parallel
 
 Settings come from the config's defaults, then ``--config`` (YAML), then the flags
@@ -22,6 +23,8 @@ import warnings
 from typing import List, Optional
 
 from .loss import PRESETS
+from .trainer.local_model import SUPPORTED_MODEL_TYPES
+from .trainer.model_options import ATTN_IMPLEMENTATIONS, MIXED_PRECISIONS
 from .trainer.checkpoint import load_checkpoint
 from .trainer.config import TrainerConfig
 from .trainer.data import SYNTHETIC_TASKS
@@ -32,7 +35,8 @@ from .trainer.plotting import PLOT_NAME
 
 # Config fields that have a flag of their own (the rest are set through --config).
 FLAG_FIELDS = (
-    "output_dir", "steps", "seed", "model", "data", "preset", "tasks", "num_threads", "prompts_per_step", "group_size",
+    "output_dir", "steps", "seed", "model", "model_type", "data", "preset", "tasks", "num_threads", "torch_dtype",
+    "mixed_precision", "attn_implementation", "gradient_checkpointing", "prompts_per_step", "group_size",
     "max_new_tokens", "temperature", "top_p", "learning_rate", "lr_schedule", "gamma", "beta", "eta_clean",
     "eta_masked", "gamma_schedule", "gamma_final", "perception_kl", "entropy", "masked_gradient", "mask_probability",
     "mask_target", "scale_advantages_by_std", "dapo_filter", "ppo_epochs", "minibatches", "micro_batch_size",
@@ -40,6 +44,15 @@ FLAG_FIELDS = (
 )
 HELP = {
     "model": "local Hugging Face folder of a Qwen2-VL or Qwen2.5-VL model (default: the offline tiny Qwen2-VL)",
+    "model_type": f"architecture: {', '.join(SUPPORTED_MODEL_TYPES)}; picks the offline tiny model (default "
+                  "qwen2_vl); with --model it must match the folder's",
+    "torch_dtype": "dtype of the weights, gradients and AdamW state: float32 (default) or bfloat16 (float16 is "
+                   "refused: AdamW underflows in it)",
+    "mixed_precision": f"accelerate's autocast over float32 weights: {', '.join(MIXED_PRECISIONS)} (fp16 on CUDA)",
+    "attn_implementation": f"{', '.join(ATTN_IMPLEMENTATIONS)}; auto is flash_attention_2 when flash_attn imports "
+                           "on CUDA, else sdpa",
+    "gradient_checkpointing": "recompute each block's activations in the backward (less activation memory, one "
+                              "more forward of each block)",
     "data": "JSONL of {\"image\": path, \"question\": str, \"answer\": str} (default: synthetic shapes)",
     "preset": f"loss preset of papo_kernels.PRESETS: {', '.join(PRESETS)}",
     "tasks": f"synthetic tasks (papo_kernels/trainer/data.py describes each): {', '.join(SYNTHETIC_TASKS)}",
@@ -53,7 +66,7 @@ def _flag_type(field: dataclasses.Field):
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     if field.name in ("gamma", "beta", "eta_clean", "eta_masked"):
         return float
-    if field.name in ("model", "data", "perception_kl"):
+    if field.name in ("model", "model_type", "data", "perception_kl"):
         return str
     return type(default)
 

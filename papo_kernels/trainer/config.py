@@ -23,6 +23,8 @@ import yaml
 from ..loss import PERCEPTION_KL_ESTIMATORS, PRESETS
 from .data import SYNTHETIC_TASKS
 from .errors import TrainerInputError
+from .local_model import SUPPORTED_MODEL_TYPES
+from .model_options import ATTN_IMPLEMENTATIONS, MIXED_PRECISIONS, TORCH_DTYPES
 from .rewards import ANSWER_FORMATS
 
 
@@ -63,9 +65,18 @@ class TrainerConfig:
     num_threads: int = 1
     # Model and data: a local Hugging Face model folder and a JSONL file, or None for the offline tiny default.
     model: Optional[str] = None
+    # The architecture, 'qwen2_vl' or 'qwen2_5_vl': of the offline tiny model (null: 'qwen2_vl'); with a model
+    # folder, null takes the folder's, and a value must match it.
+    model_type: Optional[str] = None
     data: Optional[str] = None
     tasks: List[str] = field(default_factory=lambda: ["color"])  # synthetic tasks, when data is None
     image_size: int = 56  # synthetic images are image_size x image_size pixels
+    # Precision, attention and memory (model_options.py). torch_dtype: the weights, their gradients and AdamW's
+    # state; mixed_precision: accelerate's autocast over float32 weights ('no', 'bf16', 'fp16' on CUDA).
+    torch_dtype: str = "float32"
+    mixed_precision: str = "no"
+    attn_implementation: str = "auto"  # flash_attention_2 when flash_attn imports on CUDA, else sdpa; or eager
+    gradient_checkpointing: bool = False  # recompute block activations in the backward
     # Rollout.
     prompts_per_step: int = 16
     group_size: int = 8
@@ -153,10 +164,21 @@ class TrainerConfig:
         if self.image_size < MIN_IMAGE_SIZE:
             fail("image_size", f"an integer >= {MIN_IMAGE_SIZE} (one 2 x 2 block of 14-pixel vision patches)")
         choices = {"preset": tuple(PRESETS), "answer_format": ANSWER_FORMATS, "mask_target": MASK_TARGETS,
-                   "entropy": ENTROPY_MODES, "gamma_schedule": GAMMA_SCHEDULES, "lr_schedule": LR_SCHEDULES}
+                   "entropy": ENTROPY_MODES, "gamma_schedule": GAMMA_SCHEDULES, "lr_schedule": LR_SCHEDULES,
+                   "torch_dtype": tuple(TORCH_DTYPES), "mixed_precision": MIXED_PRECISIONS,
+                   "attn_implementation": ATTN_IMPLEMENTATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {list(allowed)}")
+        if self.torch_dtype == "float16":
+            fail("torch_dtype", "'float32' or 'bfloat16': AdamW on float16 weights writes inf and NaN (its eps 1e-8 "
+                 "and small squared gradients underflow to 0 in float16); for float16 compute use torch_dtype "
+                 "'float32' with mixed_precision 'fp16'")
+        if self.mixed_precision != "no" and self.torch_dtype != "float32":
+            fail("mixed_precision", f"'no' with torch_dtype {self.torch_dtype!r} (mixed precision computes in half "
+                 "precision over float32 weights; give torch_dtype 'float32' to use it)")
+        if self.model_type is not None and self.model_type not in SUPPORTED_MODEL_TYPES:
+            fail("model_type", f"null or one of {list(SUPPORTED_MODEL_TYPES)}")
         if self.perception_kl is not None and self.perception_kl not in PERCEPTION_KL_ESTIMATORS:
             fail("perception_kl", f"null or one of {list(PERCEPTION_KL_ESTIMATORS)}")
         if not isinstance(self.tasks, list) or not self.tasks or any(t not in SYNTHETIC_TASKS for t in self.tasks):
@@ -179,7 +201,8 @@ class TrainerConfig:
             fail("mask_probability", "a number in [0, 1]")
         if not _is_number(self.gamma_anneal_fraction) or not 0 < self.gamma_anneal_fraction <= 1:
             fail("gamma_anneal_fraction", "a number in (0, 1]")
-        for name in ("scale_advantages_by_std", "dapo_filter", "skip_uninformative_steps", "masked_gradient"):
+        for name in ("scale_advantages_by_std", "dapo_filter", "skip_uninformative_steps", "masked_gradient",
+                     "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false")
         if not self.masked_gradient and self.loss_kwargs()["perception_kl"] == "exact":

@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -38,19 +38,28 @@ def _chat_template(path: Path, tokenizer) -> str:
                      "chat_template.json)")
 
 
-def load_local_model(path) -> Tuple[torch.nn.Module, ImageOnlyQwen2VLProcessor]:
-    """The model (float32) and processor in the local Hugging Face folder ``path``; nothing is downloaded."""
+def load_local_model(path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                     model_type: Optional[str] = None) -> Tuple[torch.nn.Module, ImageOnlyQwen2VLProcessor]:
+    """The model and processor in the local Hugging Face folder ``path``; nothing is downloaded.
+
+    The weights load straight into ``dtype`` (no float32 copy first) with the attention kernel
+    ``attn_implementation``; ``model_type``, when given, must be the folder's.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise TrainerInputError(f"--model: {path} is not a local Hugging Face model folder (no config.json)")
     try:
-        model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+        folder_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
     except OSError as error:  # transformers' report of an unreadable or invalid config.json
         raise TrainerInputError(f"--model: {error}") from None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TrainerInputError(f"--model: {path} holds a {model_type!r} model; supported are "
+    if folder_type not in SUPPORTED_MODEL_TYPES:
+        raise TrainerInputError(f"--model: {path} holds a {folder_type!r} model; supported are "
                                 f"{list(SUPPORTED_MODEL_TYPES)}")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    if model_type is not None and model_type != folder_type:
+        raise TrainerInputError(f"config field 'model_type': got {model_type!r}, but --model {path} holds a "
+                                f"{folder_type!r} model; give {folder_type!r} or null")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                        local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", local_files_only=True)
     image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True)
     processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,

@@ -18,7 +18,9 @@ One step, in order:
 8. log the step's metrics.
 """
 
+import copy
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -40,9 +42,11 @@ from .errors import TrainerInputError
 from .files import prepare_output_dir, remove_orphans
 from .local_model import load_local_model
 from .metrics_log import METRICS_NAME, MetricsLog, read_metrics
+from .model_options import (TORCH_DTYPES, check_mixed_precision, enable_gradient_checkpointing,
+                            resolve_attn_implementation)
 from .plotting import plot_metrics
-from .policy import (CompletionHiddenStates, clean_and_masked_inputs, head_tokens, response_logprobs,
-                     sequence_inputs, vocabulary_index)
+from .policy import (CompletionHiddenStates, clean_and_masked_inputs, head_rows, head_tokens, response_logprobs,
+                     sequence_inputs)
 from .resume import check_resume, check_vocabulary
 from .rewards import extract_answer, is_correct, score_response
 from .rollout import Rollout, encode_prompts, generate, masked_pixel_values, roll_out
@@ -67,9 +71,17 @@ class Trainer:
 
     def __init__(self, config: TrainerConfig, resume: bool = False, accelerator: Optional[Accelerator] = None):
         self.config = config.validate()
+        # The config decides; `accelerate launch --mixed_precision` asking for another one is refused, not ignored.
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if accelerator is None and launched not in ("no", config.mixed_precision):
+            raise TrainerInputError(f"config field 'mixed_precision': got {config.mixed_precision!r}, but accelerate "
+                                    f"launch asks for {launched!r}; give the same value to both")
         # cpu=True when there is no GPU lets `accelerate launch` run several CPU processes (gloo).
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                                      mixed_precision=config.mixed_precision)
         world = self.accelerator.num_processes
+        check_mixed_precision(self.accelerator.mixed_precision, self.accelerator.device)
+        self.attn_implementation = resolve_attn_implementation(config.attn_implementation, self.accelerator.device)
         torch.set_num_threads(config.num_threads)
         if config.prompts_per_step % world:
             raise TrainerInputError(f"config field 'prompts_per_step': got {config.prompts_per_step}, expected a "
@@ -96,21 +108,26 @@ class Trainer:
             self.dataset = JsonlDataset(config.data, config.seed)
         else:
             self.dataset = SyntheticShapes(config.tasks, config.image_size, config.seed)
+        dtype = TORCH_DTYPES[config.torch_dtype]
         if config.model is not None:
-            model, self.processor = load_local_model(config.model)
+            model, self.processor = load_local_model(config.model, dtype, self.attn_implementation, config.model_type)
         else:
             words = synthetic_words(config.tasks) if config.data is None else self.dataset.words()
-            self.processor = build_processor(words, config.image_size)
-            model = build_model(self.processor.tokenizer, config.seed)
+            # Qwen's layout (control tokens after the words): the loss reads a view of the head's first rows.
+            self.processor = build_processor(words, config.image_size, special_tokens_last=True)
+            model = build_model(self.processor.tokenizer, config.seed, config.model_type or "qwen2_vl", dtype,
+                                self.attn_implementation)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
 
         self.tokenizer_vocabulary = self.processor.tokenizer.get_vocab()
         if checkpoint is not None:
             check_vocabulary(checkpoint["vocabulary"], self.tokenizer_vocabulary)
         self._setup_tokens(model)
-        policy = CompletionHiddenStates(model, self.vocabulary)
+        policy = CompletionHiddenStates(model, self.head_rows)
         self.reference = None
         if self.loss_kwargs["beta"] > 0:
-            self.reference = CompletionHiddenStates(self._frozen_copy(model), self.vocabulary)
+            self.reference = CompletionHiddenStates(self._frozen_copy(model), self.head_rows)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
@@ -128,7 +145,7 @@ class Trainer:
     # Setup.
 
     def _setup_tokens(self, model) -> None:
-        """End-of-turn, padding and suppressed ids; the trained vocabulary is every id sampling can emit."""
+        """End-of-turn, padding and suppressed ids, and the head rows the loss reads (``policy.head_rows``)."""
         tokenizer = self.processor.tokenizer
         eos = model.generation_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
@@ -140,13 +157,13 @@ class Trainer:
         suppressed = set(tokenizer.all_special_ids) | set(vision_ids) | set(range(len(tokenizer), vocab_size))
         suppressed -= set(self.eos_ids)
         self.suppress_ids = sorted(suppressed)
-        self.vocabulary = torch.tensor([i for i in range(vocab_size) if i not in suppressed])
-        self.token_index = vocabulary_index(self.vocabulary, vocab_size).to(self.accelerator.device)
+        sampled_ids = torch.tensor([i for i in range(vocab_size) if i not in suppressed])
+        self.head_rows = head_rows(sampled_ids, vocab_size)
 
     @staticmethod
     def _frozen_copy(model):
-        reference = type(model)(model.config)
-        reference.load_state_dict(model.state_dict())
+        """The reference policy: a gradient-free copy in the model's dtype and attention kernel."""
+        reference = copy.deepcopy(model)
         reference.requires_grad_(False)
         return reference.eval()
 
@@ -198,9 +215,12 @@ class Trainer:
         device = self.accelerator.device
         prompt = {key: value.to(device) for key, value in prompt.items()}
         self.model.eval()
-        rollout = roll_out(self.model, self.processor, examples, config.group_size, masked.to(device), prompt,
-                           max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                           suppress_ids=self.suppress_ids, eos_ids=self.eos_ids, pad_id=self.pad_id)
+        # Sampling runs under the training forward's autocast (mixed_precision), the behaviour policy's arithmetic.
+        with self.accelerator.autocast():
+            rollout = roll_out(self.model, self.processor, examples, config.group_size, masked.to(device), prompt,
+                               max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                               top_p=config.top_p, suppress_ids=self.suppress_ids, eos_ids=self.eos_ids,
+                               pad_id=self.pad_id)
         scores = torch.tensor([score_response(text, answer, config.answer_format, config.accuracy_weight,
                                               config.format_weight) for text, answer in zip(rollout.texts,
                                                                                             rollout.answers)])
@@ -211,7 +231,7 @@ class Trainer:
                          masked_logprobs: Optional[Tensor], with_masked_pass: bool):
         """``papo_loss`` of the responses ``index``: one backbone forward of their clean (and masked) inputs."""
         mask = rollout.completion_mask[index]
-        tokens = head_tokens(rollout.completion_ids[index], mask, self.token_index)
+        tokens = head_tokens(rollout.completion_ids[index], mask, self.head_rows)
         hidden_masked = None
         if with_masked_pass:
             hidden, weight, bias = self.policy(clean_and_masked_inputs(rollout, index), mask.shape[1])
@@ -245,13 +265,15 @@ class Trainer:
         policy = accelerator.unwrap_model(self.policy)
         old_logprobs = ref_logprobs = masked_logprobs = None
         if config.ppo_epochs > 1 or config.minibatches > 1:
-            old_logprobs = response_logprobs(policy, rollout, self.token_index, config.temperature,
+            old_logprobs = response_logprobs(policy, rollout, self.head_rows, config.temperature,
                                              config.micro_batch_size)
         if self.reference is not None:
-            ref_logprobs = response_logprobs(self.reference, rollout, self.token_index, config.temperature,
-                                             config.micro_batch_size)
+            # The reference is not prepared by accelerate: its forward gets the policy's autocast here.
+            with accelerator.autocast():
+                ref_logprobs = response_logprobs(self.reference, rollout, self.head_rows, config.temperature,
+                                                 config.micro_batch_size)
         if papo_terms and not config.masked_gradient:
-            masked_logprobs = response_logprobs(policy, rollout, self.token_index, config.temperature,
+            masked_logprobs = response_logprobs(policy, rollout, self.head_rows, config.temperature,
                                                 config.micro_batch_size, masked=True)
 
         minibatches = torch.arange(len(rollout), device=advantages.device).chunk(config.minibatches)
@@ -393,6 +415,7 @@ class Trainer:
                     self.save(step + 1)
         self.save(config.steps)
         if is_main:
+            tiny = {"qwen2_vl": "tiny Qwen2-VL", "qwen2_5_vl": "tiny Qwen2.5-VL"}[config.model_type or "qwen2_vl"]
             plot_metrics(read_metrics(config.output_dir), config.output_dir,
-                         f"{config.preset} ({'tiny Qwen2-VL' if config.model is None else config.model})")
+                         f"{config.preset} ({tiny if config.model is None else config.model})")
         return records

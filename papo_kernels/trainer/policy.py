@@ -3,9 +3,12 @@
 ``CompletionHiddenStates`` wraps a Qwen2-VL-family model and calls its backbone
 (``model.model``), not its LM head, so no (tokens x vocabulary) logits tensor is
 built; the head's weight is returned beside the hidden states and the fused loss
-applies it tile by tile. The head is restricted to the tokens sampling can emit
-(special tokens are suppressed at generation), so training and sampling use the
-same distribution.
+applies it tile by tile. The weight is a view of the head's first rows, never a
+copy (``head_rows`` says how many rows and what distribution that gives).
+
+Under DDP and FSDP the wrapped module is this one, so its forward is the one they
+hook: DDP sees the pass, and FSDP2 gathers the head with the rest of the root's
+parameters before it; a head sharded on its own is gathered by ``output_head``.
 """
 
 from typing import Optional, Tuple
@@ -14,29 +17,54 @@ import torch
 from torch import Tensor, nn
 
 from .. import linear_logprobs
+from ..hidden_states import output_head
 from .rollout import Inputs, Rollout, take_sequences
+
+
+def head_rows(sampled_ids: Tensor, vocab_size: int) -> int:
+    """How many leading rows of the LM head (``vocab_size`` rows) the loss uses.
+
+    ``sampled_ids`` (ascending) are the ids sampling may emit (special tokens are suppressed).
+
+    - When they are exactly ``0 .. k-1`` (Qwen's special tokens sit at the end of its
+      vocabulary; the tiny tokenizer puts end-of-turn first among them), the loss uses the
+      first k rows: a softmax over exactly the tokens sampling draws from, so the log-probs
+      l, the ratio exp(l - l_old), the entropies and the perception KL are those of the
+      sampling distribution (temperature applied; top_p < 1 aside).
+    - Otherwise it uses all ``vocab_size`` rows: log-probs under the full-vocabulary softmax,
+      suppressed tokens (and head rows past the tokenizer) included, while sampling
+      renormalises over the unsuppressed ones. Then l = log p_sample(y) + log(1 - S), S being
+      the full softmax's mass on the suppressed ids; the ratio l - l_old compares two
+      full-softmax policies, and equals the sampling ratio times (1 - S) / (1 - S_old), the
+      same when the suppressed mass did not move; entropies and KL are full-vocabulary too.
+
+    Either way the weight the loss reads is ``head.weight[:rows]``, a view, never a copy.
+    """
+    k = sampled_ids.numel()
+    if torch.equal(sampled_ids.cpu(), torch.arange(k)):
+        return k
+    return vocab_size
 
 
 class CompletionHiddenStates(nn.Module):
     """``forward(inputs, completion_length) -> (hidden, weight, bias)``.
 
     hidden ``(N, T, D)``: the backbone's final hidden states (after the final norm) at the
-    positions that predict the T response tokens; weight ``(V', D)`` and bias ``(V',)`` (or
-    None): the LM head's rows of ``vocabulary``, the token ids the policy may sample.
+    positions that predict the T response tokens; weight ``(rows, D)`` and bias ``(rows,)`` (or
+    None): views of the LM head's first ``rows`` rows (see ``head_rows``), sharing its storage.
     """
 
-    def __init__(self, model: nn.Module, vocabulary: Tensor):
+    def __init__(self, model: nn.Module, rows: int):
         super().__init__()
         self.model = model
-        self.register_buffer("vocabulary", vocabulary, persistent=False)
+        self.rows = rows
 
     def forward(self, inputs: Inputs, completion_length: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         output = self.model.model(**inputs, use_cache=False)
         # Position t - 1 predicts token t: the last completion_length + 1 positions, less the final one.
         hidden = output.last_hidden_state[:, -completion_length - 1:-1]
-        head = self.model.get_output_embeddings()
-        bias = None if head.bias is None else head.bias[self.vocabulary]
-        return hidden, head.weight[self.vocabulary], bias
+        weight, bias = output_head(self.model)
+        return hidden, weight[:self.rows], None if bias is None else bias[:self.rows]
 
 
 def sequence_inputs(rollout: Rollout, index: Tensor, masked: bool) -> Inputs:
@@ -61,31 +89,25 @@ def clean_and_masked_inputs(rollout: Rollout, index: Tensor) -> Inputs:
     return {key: torch.cat([clean[key], masked[key]], dim=1 if key == "position_ids" else 0) for key in clean}
 
 
-def vocabulary_index(vocabulary: Tensor, vocab_size: int) -> Tensor:
-    """``(vocab_size,)`` long: the position of each token id in ``vocabulary``, -1 for ids outside it."""
-    index = torch.full((vocab_size,), -1, dtype=torch.long)
-    index[vocabulary] = torch.arange(vocabulary.numel())
-    return index
-
-
-def head_tokens(completion_ids: Tensor, completion_mask: Tensor, token_index: Tensor) -> Tensor:
-    """Response ids as rows of the restricted head; 0 at padding (a safe index the mask removes)."""
-    tokens = token_index[completion_ids].where(completion_mask, 0)
-    if bool((tokens < 0).any()):
+def head_tokens(completion_ids: Tensor, completion_mask: Tensor, rows: int) -> Tensor:
+    """Response ids as rows of the head the loss reads (its first ``rows``); 0 at padding (a safe index the mask
+    removes)."""
+    tokens = completion_ids.where(completion_mask, 0)
+    if bool((tokens >= rows).any()):
         raise RuntimeError("a sampled response token is outside the trained vocabulary; suppress_tokens and the "
                            "trained vocabulary disagree")
     return tokens
 
 
 @torch.no_grad()
-def response_logprobs(policy: CompletionHiddenStates, rollout: Rollout, token_index: Tensor, temperature: float,
+def response_logprobs(policy: CompletionHiddenStates, rollout: Rollout, rows: int, temperature: float,
                       micro_batch_size: int, masked: bool = False) -> Tensor:
     """``(N, T)`` log-probs of the responses under ``policy`` (clean or masked image), 0 at padding."""
-    rows = []
+    parts = []
     for index in torch.arange(len(rollout)).split(micro_batch_size):
         mask = rollout.completion_mask[index]
         hidden, weight, bias = policy(sequence_inputs(rollout, index, masked), mask.shape[1])
-        tokens = head_tokens(rollout.completion_ids[index], mask, token_index)
+        tokens = head_tokens(rollout.completion_ids[index], mask, rows)
         logprobs = linear_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature).logprobs
-        rows.append(logprobs.where(mask, 0.0))
-    return torch.cat(rows)
+        parts.append(logprobs.where(mask, 0.0))
+    return torch.cat(parts)

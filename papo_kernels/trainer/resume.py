@@ -2,11 +2,18 @@
 
 The checkpoint's config is the run's config. A resume may change only the fields of
 ``RESUMABLE_FIELDS``, which change neither what is trained nor on what: where the run
-lives, its length (``steps``), threads, micro-batch size, and how often it evaluates and
-saves. Every other difference (a learning rate, a preset, a task, a model) is refused,
-naming the fields: the optimizer and schedule state would silently keep the old values,
-or the steps done and the steps to come would belong to different experiments. Start a
-new run in a new output directory for those.
+lives, its length (``steps``), threads, micro-batch size, how often it evaluates and
+saves, and two settings that compute the same function with other memory and speed:
+``attn_implementation`` (eager, SDPA and FlashAttention are the same attention up to
+rounding, so a run started with FlashAttention resumes where flash-attn is missing) and
+``gradient_checkpointing`` (recomputing activations gives the same gradients). Every
+other difference (a learning rate, a preset, a task, a model) is refused, naming the
+fields: the optimizer and schedule state would silently keep the old values, or the
+steps done and the steps to come would belong to different experiments. ``torch_dtype``
+and ``mixed_precision`` are refused too: they change the arithmetic of every update (an
+update below half a bfloat16 step of a weight is lost in bfloat16 weights, kept in
+float32 ones), and the saved weights and AdamW state are in the checkpoint's dtype. Start
+a new run in a new output directory for those.
 
 ``steps`` has two more rules:
 
@@ -27,7 +34,7 @@ from .config import TrainerConfig
 from .errors import TrainerInputError
 
 RESUMABLE_FIELDS = ("output_dir", "steps", "num_threads", "micro_batch_size", "eval_every", "eval_prompts",
-                    "save_every")
+                    "save_every", "attn_implementation", "gradient_checkpointing")
 SHOWN_TOKENS = 5  # differing tokens named in an error
 
 

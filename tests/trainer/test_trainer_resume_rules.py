@@ -92,7 +92,8 @@ def test_a_finished_run_resumed_with_its_own_length_runs_no_step(run_copy):
 
 @pytest.mark.parametrize("name, value", [("learning_rate", 1e-4), ("weight_decay", 0.1), ("preset", "dapo"),
                                          ("tasks", ["count"]), ("seed", 1), ("temperature", 0.7), ("gamma", 0.05),
-                                         ("lr_schedule", "constant")])
+                                         ("lr_schedule", "constant"), ("torch_dtype", "bfloat16"),
+                                         ("mixed_precision", "bf16"), ("model_type", "qwen2_5_vl")])
 def test_changing_what_is_trained_is_refused_naming_the_field(run_copy, name, value):
     run_dir = run_copy("cosine")
     saved = load_checkpoint(run_dir)["config"][name]
@@ -111,9 +112,10 @@ def test_the_cli_names_every_changed_field(run_copy, capsys):
 
 def test_fields_that_change_neither_the_training_nor_its_data_may_change(run_copy):
     assert set(RESUMABLE_FIELDS) == {"output_dir", "steps", "num_threads", "micro_batch_size", "eval_every",
-                                     "eval_prompts", "save_every"}
+                                     "eval_prompts", "save_every", "attn_implementation", "gradient_checkpointing"}
     run_dir = run_copy("constant")
-    resumed = resume(run_dir, steps=3, micro_batch_size=4, eval_every=1, eval_prompts=4, save_every=0)
+    resumed = resume(run_dir, steps=3, micro_batch_size=4, eval_every=1, eval_prompts=4, save_every=0,
+                     attn_implementation="eager", gradient_checkpointing=True)
     [record] = resumed.train()
     assert record["step"] == 2 and "eval_accuracy" in record
 
