@@ -2,9 +2,14 @@
 
 Both trainers load the same tiny Qwen2-VL from a folder. One generation batch is made by PAPOTrainer
 through TRL's own ``_prepare_inputs`` (generation, scoring, shuffling, splitting into micro-batches), and
-both trainers compute the loss of every micro-batch and accumulate gradients. Under bf16 autocast TRL's
-head runs in float32 (``cast_lm_head_to_fp32``), as papo_loss's always does; the backbone runs under the
-same autocast in both. Old log-probs are TRL's own plus noise, so ratios leave the clip range.
+both trainers compute the loss of every micro-batch and accumulate gradients. Old log-probs are TRL's own
+plus noise, so ratios leave the clip range.
+
+In float32 the gradients must agree to 1e-6 of the largest entry. Under TRL's default bf16 autocast TRL's
+head runs in float32 (``cast_lm_head_to_fp32``), as papo_loss's always does, and the losses agree as
+tightly; the backbone's backward runs in bfloat16 in both trainers, where upstream gradients that differ
+in the 8th digit can round apart, so each gradient tensor must agree to bf16's resolution (2^-8) of its
+own largest entry.
 """
 
 import pytest
@@ -80,14 +85,18 @@ def assert_same_loss_and_gradients(grpo, papo, batches):
     scale = max(grad.abs().max().item() for grad in grpo_grads.values())
     assert scale > 1e-4, "the batch must carry a gradient"
     for name, grad in grpo_grads.items():
-        torch.testing.assert_close(papo_grads[name], grad, rtol=1e-4, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}")
+        atol = 1e-6 * scale
+        if papo.args.bf16:
+            atol = max(atol, 2.0 ** -8 * grad.abs().max().item())
+        torch.testing.assert_close(papo_grads[name], grad, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-autocast", "float32"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("old_logprobs, accumulation", [(False, 1), (True, 2)], ids=["on-policy", "old-accum2"])
-def test_loss_and_gradients_equal_grpo_trainer(tiny, tmp_path, loss_type, old_logprobs, accumulation):
+def test_loss_and_gradients_equal_grpo_trainer(tiny, tmp_path, loss_type, old_logprobs, accumulation, bf16):
     grpo, papo = make_trainers(tiny, tmp_path, loss_type=loss_type, gradient_accumulation_steps=accumulation,
-                               per_device_train_batch_size=NUM_PROMPTS * 4 // accumulation)
+                               per_device_train_batch_size=NUM_PROMPTS * 4 // accumulation, bf16=bf16)
     batches = micro_batches(papo, generation_rows(tiny[2], NUM_PROMPTS))
     assert len(batches) == accumulation
     if old_logprobs:
@@ -100,12 +109,6 @@ def test_loss_and_gradients_equal_grpo_trainer(tiny, tmp_path, loss_type, old_lo
                                    torch.tensor(grpo._metrics["train"]["clip_ratio/region_mean"]))
     torch.testing.assert_close(torch.tensor(papo._metrics["train"]["entropy"]),
                                torch.tensor(grpo._metrics["train"]["entropy"]), rtol=1e-5, atol=1e-6)
-
-
-def test_float32_without_autocast(tiny, tmp_path):
-    grpo, papo = make_trainers(tiny, tmp_path, bf16=False)
-    batches = micro_batches(papo, generation_rows(tiny[2], NUM_PROMPTS))
-    assert_same_loss_and_gradients(grpo, papo, [with_noisy_old_logprobs(grpo, batches[0], 0)])
 
 
 @pytest.mark.parametrize("option", ["beta", "sequence", "top_entropy", "off_policy", "vllm_ratio"])
@@ -135,8 +138,8 @@ def test_trl_options_equal_grpo_trainer(tiny, tmp_path, option):
 def test_masked_pass_on_an_unmasked_image_changes_nothing(tiny, tmp_path):
     """With mask_probability 0 the masked image is the clean one: the perception KL is 0 with zero gradient,
     so PAPO with gamma > 0 runs the joint clean + masked forward and still gives TRL's loss and gradients.
-    In float32: under bf16 autocast the two halves of the joint batch differ by bf16 rounding, and the KL's
-    gradient with them."""
+    In float32: under bf16 autocast the two halves of the joint batch differ by bf16 rounding, and so does the
+    KL's gradient."""
     grpo, papo = make_trainers(tiny, tmp_path, bf16=False, papo_only=dict(gamma=0.5, mask_probability=0.0))
     batch = micro_batches(papo, generation_rows(tiny[2], NUM_PROMPTS))[0]
     assert "masked_pixel_values" in batch
