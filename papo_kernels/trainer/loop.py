@@ -23,7 +23,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -50,6 +50,8 @@ from .policy import (CompletionHiddenStates, clean_and_masked_inputs, head_rows,
 from .resume import check_resume, check_vocabulary
 from .rewards import extract_answer, is_correct, score_response
 from .rollout import Rollout, encode_prompts, generate, masked_pixel_values, roll_out
+from .sharding import (check_strategy, full_state, gathered_root, initialise_root, load_full_model_state,
+                       load_full_optimizer_state)
 from .tiny_model import build_model, build_processor
 
 LOSS_METRICS = ("policy_loss", "clip_fraction_low", "clip_fraction_high", "perception_kl", "ref_kl", "entropy",
@@ -80,6 +82,7 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                                       mixed_precision=config.mixed_precision)
         world = self.accelerator.num_processes
+        check_strategy(self.accelerator, config)
         check_mixed_precision(self.accelerator.mixed_precision, self.accelerator.device)
         self.attn_implementation = resolve_attn_implementation(config.attn_implementation, self.accelerator.device)
         torch.set_num_threads(config.num_threads)
@@ -124,16 +127,16 @@ class Trainer:
         if checkpoint is not None:
             check_vocabulary(checkpoint["vocabulary"], self.tokenizer_vocabulary)
         self._setup_tokens(model)
-        policy = CompletionHiddenStates(model, self.head_rows)
         self.reference = None
         if self.loss_kwargs["beta"] > 0:
-            self.reference = CompletionHiddenStates(self._frozen_copy(model), self.head_rows)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
+            self.reference = CompletionHiddenStates(self._frozen_copy(model).to(self.accelerator.device),
+                                                    self.head_rows)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
-        if self.reference is not None:
-            self.reference.to(self.accelerator.device)
+        # The Hugging Face model itself is what accelerate wraps (DDP) or shards (FSDP2), as TRL's trainers do.
+        self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)
+        initialise_root(self.policy, self.pad_id)
+        self.hidden_states = CompletionHiddenStates(self.policy, self.head_rows)
 
         seed = derived_seed(config.seed, "process", self.accelerator.process_index)
         random.seed(seed)
@@ -175,29 +178,42 @@ class Trainer:
 
     @property
     def model(self):
-        """The Hugging Face model being trained (unwrapped from DDP)."""
-        return self.accelerator.unwrap_model(self.policy).model
+        """The Hugging Face model being trained (unwrapped from DDP; FSDP2 shards it in place)."""
+        return self.accelerator.unwrap_model(self.policy)
+
+    @contextmanager
+    def sampling(self):
+        """The context of every ``generate`` on the trained model: the training forward's autocast (mixed_precision),
+        and under FSDP the root unit gathered (``sharding.gathered_root``)."""
+        with gathered_root(self.policy), self.accelerator.autocast():
+            yield
 
     # Checkpoints.
 
     def save(self, next_step: int) -> None:
         rng_states = gather_object([rng_state()])
+        model_state, optimizer_state = full_state(self.model, self.optimizer)
         if self.accelerator.is_main_process:
-            save_checkpoint(self.config.output_dir, model_state=self.model.state_dict(),
-                            optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
-                            next_step=next_step, rng_states=rng_states, config=self.config.to_dict(),
-                            vocabulary=self.tokenizer_vocabulary)
+            save_checkpoint(self.config.output_dir, model_state=model_state, optimizer_state=optimizer_state,
+                            scheduler_state=self.scheduler.state_dict(), next_step=next_step, rng_states=rng_states,
+                            config=self.config.to_dict(), vocabulary=self.tokenizer_vocabulary)
         self.accelerator.wait_for_everyone()
 
     def _restore(self, checkpoint: Dict) -> None:
         """Load the state of a checkpoint that ``check_resume`` and ``check_vocabulary`` accepted."""
+        where = self.config.model or "the tiny default"
         try:
-            self.model.load_state_dict(checkpoint["model"])
+            load_full_model_state(self.model, checkpoint["model"])
         except RuntimeError as error:  # missing or unexpected keys, or shapes that differ
-            where = self.config.model or "the tiny default"
             raise TrainerInputError(f"--resume: the checkpoint's weights do not fit the model of {where} "
                                     f"({' '.join(str(error).split())[:300]})") from None
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            load_full_optimizer_state(self.model, self.optimizer, checkpoint["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise TrainerInputError(f"--resume: the checkpoint's optimizer state does not fit the parameters of "
+                                    f"{where} ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
+                                    "checkpoints written before the state was keyed by parameter name cannot be "
+                                    "resumed") from None
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng_states"][self.accelerator.process_index])
 
@@ -215,8 +231,7 @@ class Trainer:
         device = self.accelerator.device
         prompt = {key: value.to(device) for key, value in prompt.items()}
         self.model.eval()
-        # Sampling runs under the training forward's autocast (mixed_precision), the behaviour policy's arithmetic.
-        with self.accelerator.autocast():
+        with self.sampling():
             rollout = roll_out(self.model, self.processor, examples, config.group_size, masked.to(device), prompt,
                                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                top_p=config.top_p, suppress_ids=self.suppress_ids, eos_ids=self.eos_ids,
@@ -234,10 +249,10 @@ class Trainer:
         tokens = head_tokens(rollout.completion_ids[index], mask, self.head_rows)
         hidden_masked = None
         if with_masked_pass:
-            hidden, weight, bias = self.policy(clean_and_masked_inputs(rollout, index), mask.shape[1])
+            hidden, weight, bias = self.hidden_states(clean_and_masked_inputs(rollout, index), mask.shape[1])
             hidden, hidden_masked = hidden.chunk(2)
         else:
-            hidden, weight, bias = self.policy(sequence_inputs(rollout, index, masked=False), mask.shape[1])
+            hidden, weight, bias = self.hidden_states(sequence_inputs(rollout, index, masked=False), mask.shape[1])
 
         def rows(value: Optional[Tensor]) -> Optional[Tensor]:
             return None if value is None else value[index]
@@ -262,10 +277,9 @@ class Trainer:
         loss_kwargs = self.step_loss_kwargs(step)
         papo_terms = any(loss_kwargs[name] != 0 for name in ("gamma", "eta_clean", "eta_masked"))
         with_masked_pass = papo_terms and config.masked_gradient
-        policy = accelerator.unwrap_model(self.policy)
         old_logprobs = ref_logprobs = masked_logprobs = None
         if config.ppo_epochs > 1 or config.minibatches > 1:
-            old_logprobs = response_logprobs(policy, rollout, self.head_rows, config.temperature,
+            old_logprobs = response_logprobs(self.hidden_states, rollout, self.head_rows, config.temperature,
                                              config.micro_batch_size)
         if self.reference is not None:
             # The reference is not prepared by accelerate: its forward gets the policy's autocast here.
@@ -273,7 +287,7 @@ class Trainer:
                 ref_logprobs = response_logprobs(self.reference, rollout, self.head_rows, config.temperature,
                                                  config.micro_batch_size)
         if papo_terms and not config.masked_gradient:
-            masked_logprobs = response_logprobs(policy, rollout, self.head_rows, config.temperature,
+            masked_logprobs = response_logprobs(self.hidden_states, rollout, self.head_rows, config.temperature,
                                                 config.micro_batch_size, masked=True)
 
         minibatches = torch.arange(len(rollout), device=advantages.device).chunk(config.minibatches)

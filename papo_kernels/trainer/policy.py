@@ -1,14 +1,18 @@
 """The policy's forward for training: final hidden states of the response positions, never the logits.
 
-``CompletionHiddenStates`` wraps a Qwen2-VL-family model and calls its backbone
-(``model.model``), not its LM head, so no (tokens x vocabulary) logits tensor is
-built; the head's weight is returned beside the hidden states and the fused loss
-applies it tile by tile. The weight is a view of the head's first rows, never a
-copy (``head_rows`` says how many rows and what distribution that gives).
+``CompletionHiddenStates`` runs a Qwen2-VL-family model, possibly wrapped by
+accelerate (DDP, FSDP2), through its own forward with
+``hidden_states.completion_hidden_states``: a pre-hook on the LM head takes the final
+hidden states and hands the head an empty slice, so no (tokens x vocabulary) logits
+are built. The head's weight is returned beside them and the fused loss applies it
+tile by tile; it is a view of the head's first rows, never a copy (``head_rows`` says
+how many rows, and under which distribution the log-probs and the ratio are taken).
 
-Under DDP and FSDP the wrapped module is this one, so its forward is the one they
-hook: DDP sees the pass, and FSDP2 gathers the head with the rest of the root's
-parameters before it; a head sharded on its own is gathered by ``output_head``.
+Because the pass is the wrapper's own forward, DDP sees it, and FSDP2 gathers every
+unit's shards in its hooks as the model runs: the head's unit (accelerate gives the
+final norm and the head one that stays gathered after the forward) holds the full
+weight when ``output_head`` reads it, and ``output_head`` gathers a head that is still
+sharded. ``sharding.py`` covers the rest of FSDP.
 """
 
 from typing import Optional, Tuple
@@ -17,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import linear_logprobs
-from ..hidden_states import output_head
+from ..hidden_states import completion_hidden_states, output_head
 from .rollout import Inputs, Rollout, take_sequences
 
 
@@ -26,17 +30,19 @@ def head_rows(sampled_ids: Tensor, vocab_size: int) -> int:
 
     ``sampled_ids`` (ascending) are the ids sampling may emit (special tokens are suppressed).
 
-    - When they are exactly ``0 .. k-1`` (Qwen's special tokens sit at the end of its
-      vocabulary; the tiny tokenizer puts end-of-turn first among them), the loss uses the
-      first k rows: a softmax over exactly the tokens sampling draws from, so the log-probs
-      l, the ratio exp(l - l_old), the entropies and the perception KL are those of the
-      sampling distribution (temperature applied; top_p < 1 aside).
+    - When they are exactly ``0 .. k-1`` (the tiny tokenizer laid out as Qwen's, with
+      end-of-turn first among the control tokens), the loss uses the first k rows: a softmax
+      over exactly the tokens sampling draws from, so the log-probs l, the ratio
+      exp(l - l_old), the entropies and the perception KL are those of the sampling
+      distribution (temperature applied; top_p < 1 aside).
     - Otherwise it uses all ``vocab_size`` rows: log-probs under the full-vocabulary softmax,
       suppressed tokens (and head rows past the tokenizer) included, while sampling
       renormalises over the unsuppressed ones. Then l = log p_sample(y) + log(1 - S), S being
-      the full softmax's mass on the suppressed ids; the ratio l - l_old compares two
-      full-softmax policies, and equals the sampling ratio times (1 - S) / (1 - S_old), the
+      the full softmax's mass on the suppressed ids; the ratio exp(l - l_old) compares two
+      full-softmax policies and equals the sampling ratio times (1 - S) / (1 - S_old), the
       same when the suppressed mass did not move; entropies and KL are full-vocabulary too.
+      Qwen2-VL and Qwen2.5-VL take this case: their suppressed <|im_start|> (id 151644)
+      sits between <|endoftext|> (151643) and the end-of-turn <|im_end|> (151645).
 
     Either way the weight the loss reads is ``head.weight[:rows]``, a view, never a copy.
     """
@@ -46,23 +52,21 @@ def head_rows(sampled_ids: Tensor, vocab_size: int) -> int:
     return vocab_size
 
 
-class CompletionHiddenStates(nn.Module):
-    """``forward(inputs, completion_length) -> (hidden, weight, bias)``.
+class CompletionHiddenStates:
+    """``(inputs, completion_length) -> (hidden, weight, bias)`` for ``model`` (a Hugging Face model, or one wrapped by
+    accelerate).
 
-    hidden ``(N, T, D)``: the backbone's final hidden states (after the final norm) at the
-    positions that predict the T response tokens; weight ``(rows, D)`` and bias ``(rows,)`` (or
-    None): views of the LM head's first ``rows`` rows (see ``head_rows``), sharing its storage.
+    hidden ``(N, T, D)``: the final hidden states (after the final norm) at the positions that
+    predict the T response tokens; weight ``(rows, D)`` and bias ``(rows,)`` (or None): views of
+    the LM head's first ``rows`` rows (see ``head_rows``), sharing its storage.
     """
 
     def __init__(self, model: nn.Module, rows: int):
-        super().__init__()
         self.model = model
         self.rows = rows
 
-    def forward(self, inputs: Inputs, completion_length: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        output = self.model.model(**inputs, use_cache=False)
-        # Position t - 1 predicts token t: the last completion_length + 1 positions, less the final one.
-        hidden = output.last_hidden_state[:, -completion_length - 1:-1]
+    def __call__(self, inputs: Inputs, completion_length: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        hidden = completion_hidden_states(self.model, inputs, completion_length)
         weight, bias = output_head(self.model)
         return hidden, weight[:self.rows], None if bias is None else bias[:self.rows]
 

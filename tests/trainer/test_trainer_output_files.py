@@ -251,17 +251,19 @@ def test_damage_anywhere_in_the_pickled_payload_is_the_error_naming_the_file(run
     offset, pickled = pickled_payload(path)
     start, end = offset, offset + len(pickled)
 
+    # 60 damages: the pickle is mostly parameter names (model and optimizer state are keyed by them), so fewer
+    # damages meet fewer exception types (40 met two kinds).
     def outcomes() -> str:
         rng = random.Random(0)
         results = []
-        for _ in range(40):
+        for _ in range(60):
             offset, size = rng.randrange(start, end), rng.choice([1, 8, 64])
             path.write_bytes(data[:offset] + rng.randbytes(size) + data[offset + size:])
             results.append(load_outcome(run_dir))
         return "\n".join(results)
 
     results = in_a_child_with_capped_memory(outcomes).split("\n")
-    assert len(results) == 40
+    assert len(results) == 60
     for result in results:
         assert result == "loaded" or result.startswith(
             f"TrainerInputError: --resume: {path} cannot be read as a checkpoint"), result

@@ -1,6 +1,13 @@
-"""Shared by the trainer tests: small settings (a few prompts, short responses, one thread) and rollout slicing."""
+"""Shared by the trainer tests: small settings (a few prompts, short responses, one thread), rollout slicing, and
+two CPU processes under `accelerate launch`."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
 
 from papo_kernels.trainer import TrainerConfig
 from papo_kernels.trainer.rollout import take_blocks, take_sequences
@@ -23,3 +30,30 @@ def subset(rollout, index):
                                position_ids=rollout.position_ids[:, index],
                                texts=[rollout.texts[i] for i in index.tolist()],
                                answers=[rollout.answers[i] for i in index.tolist()])
+
+
+REPOSITORY = Path(__file__).parents[2]
+
+
+def launch_two_processes(worker: Path, output_dir: Path) -> dict:
+    """Run ``worker output_dir`` in two CPU processes (gloo) under `accelerate launch`; return the
+    ``output_dir/result.pt`` that its process 0 wrote."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(worker),
+               str(output_dir)]
+    # The workers import this checkout's package, whatever is installed.
+    path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    completed = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return torch.load(output_dir / "result.pt", weights_only=False)
+
+
+def assert_same_update(one: dict, two: dict) -> None:
+    """``update_on_fixed_rollout``'s results of one process and of two: the same rollout, loss and gradient."""
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert torch.equal(one["completion_ids"], two["completion_ids"]), "both runs must train on the same rollout"
+    torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-5, atol=1e-7)
+    scale = one["gradient"].abs().max()
+    assert scale > 0
+    torch.testing.assert_close(two["gradient"], one["gradient"], rtol=1e-4, atol=1e-6 * scale)
