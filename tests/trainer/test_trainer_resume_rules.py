@@ -180,3 +180,20 @@ def test_weights_that_do_not_fit_the_model_folder_are_refused(tmp_path, capsys):
     message = cli_error(capsys, ["--output-dir", str(tmp_path / "run"), "--resume", "--steps", "2"])
     assert message.startswith(f"--resume: the checkpoint's weights do not fit the model of {model_dir} "
                               "(Error(s) in loading state_dict"), message
+
+
+def test_an_optimizer_state_keyed_by_position_is_refused(run_copy):
+    # Checkpoints written before the optimizer state was keyed by parameter name held torch's own state_dict().
+    run_dir = run_copy("constant")
+    checkpoint = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)
+    group = checkpoint["optimizer"]["param_groups"][0]
+    state = checkpoint["optimizer"]["state"]
+    checkpoint["optimizer"] = {"state": {position: state[name] for position, name in enumerate(group["params"])},
+                               "param_groups": [{**group, "params": list(range(len(group["params"])))}]}
+    torch.save(checkpoint, run_dir / CHECKPOINT_NAME)
+    with pytest.raises(TrainerInputError) as error:
+        resume(run_dir, steps=3)
+    message = str(error.value)
+    assert message.startswith("--resume: the checkpoint's optimizer state does not fit the parameters of the tiny "
+                              "default ("), message
+    assert message.endswith("checkpoints written before the state was keyed by parameter name cannot be resumed")

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from papo_kernels.trainer import TrainerConfig
+from papo_kernels.trainer.data import synthetic_words
 from papo_kernels.trainer.rollout import take_blocks, take_sequences
+from papo_kernels.trainer.tiny_model import build_model, build_processor
 
 
 def small_config(output_dir, **overrides) -> TrainerConfig:
@@ -33,6 +35,17 @@ def subset(rollout, index):
 
 
 REPOSITORY = Path(__file__).parents[2]
+
+
+def save_model_folder(folder: Path, model_type: str, special_tokens_last: bool = False, seed: int = 1) -> Path:
+    """A local Hugging Face folder of the tiny ``model_type`` model with its tokenizer (``special_tokens_last``
+    as in ``build_tokenizer``), image processor and chat template, for the colour task's words."""
+    processor = build_processor(synthetic_words(["color"]), 56, special_tokens_last)
+    build_model(processor.tokenizer, seed, model_type).save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(processor.chat_template)
+    return folder
 
 
 def launch_two_processes(worker: Path, output_dir: Path) -> dict:
