@@ -297,9 +297,11 @@ class Trainer:
 
         self.policy.train()
         sums = {name: 0.0 for name in LOSS_METRICS}
-        weight_total, loss_total, grad_norm = 0.0, 0.0, 0.0
+        weight_total, loss_total, grad_norm, optimizer_steps = 0.0, 0.0, 0.0, 0
         for _ in range(config.ppo_epochs):
             for index, normaliser in zip(minibatches, normalisers):
+                if normaliser == 0:  # every group of this minibatch was dropped (dapo_filter): nothing to learn
+                    continue
                 self.optimizer.zero_grad(set_to_none=True)
                 micro_batches = index.split(config.micro_batch_size)
                 for number, micro in enumerate(micro_batches):
@@ -320,9 +322,10 @@ class Trainer:
                     raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm}; stopping before the "
                                              "optimizer writes non-finite weights")
                 self.optimizer.step()
+                optimizer_steps += 1
         means = {name: value / max(weight_total, 1.0) for name, value in sums.items()}
         # The minibatch objective (its micro-batch losses summed), averaged over the optimizer steps.
-        means["loss"] = loss_total / (config.ppo_epochs * len(minibatches))
+        means["loss"] = loss_total / optimizer_steps
         means["grad_norm"] = grad_norm
         return means
 

@@ -134,3 +134,24 @@ def test_precomputed_positions_equal_the_models_own(small_trainer):
     assert torch.equal(rollout.position_ids[real], own[real])
     # The image tokens really have 2-D positions: height and width differ somewhere.
     assert not torch.equal(own[1], own[2])
+
+
+def test_a_minibatch_whose_groups_were_all_dropped_takes_no_step(tmp_path):
+    """With dapo_filter a whole minibatch can lose its tokens: the update skips it (its normaliser would be 0) and
+    equals one step on the other minibatch alone."""
+    two_minibatches = Trainer(small_config(tmp_path / "two", minibatches=2, max_grad_norm=1e9))
+    rollout, _ = two_minibatches.make_rollout(0)
+    advantages = torch.linspace(-1.0, 1.0, len(rollout))
+    second = torch.arange(len(rollout) // 2, len(rollout))
+    dropped = replace(rollout, completion_mask=rollout.completion_mask & (torch.arange(len(rollout)) >= 8)[:, None])
+    metrics = two_minibatches.update(dropped, advantages, step=0)
+    one_minibatch = Trainer(small_config(tmp_path / "one", max_grad_norm=1e9))
+    expected = one_minibatch.update(subset(rollout, second), advantages[second], step=0)
+    torch.testing.assert_close(metrics["loss"], expected["loss"], rtol=1e-5, atol=1e-7)
+    # The gradient of the one step taken (AdamW's first step, about lr * sign(g), would magnify rounding in g).
+    scale = max(parameter.grad.abs().max() for parameter in one_minibatch.model.parameters())
+    assert scale > 0
+    for (name, parameter), expected_parameter in zip(two_minibatches.model.named_parameters(),
+                                                     one_minibatch.model.parameters()):
+        torch.testing.assert_close(parameter.grad, expected_parameter.grad, rtol=1e-4, atol=1e-6 * scale,
+                                   msg=lambda m: f"{name}: {m}")
