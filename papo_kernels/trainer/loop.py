@@ -11,8 +11,9 @@ One step, in order:
 6. old log-probs (only when the policy moves between optimizer steps of the batch:
    several PPO epochs or minibatches; otherwise the ratio is 1 by definition) and
    reference log-probs (when beta > 0), without gradient;
-7. per PPO epoch and minibatch: forward clean and masked inputs through the backbone
-   (hidden states, no logits), ``papo_loss`` with the head's weight, accumulate the
+7. per PPO epoch and minibatch: forward clean and masked inputs through the model's own
+   forward (final hidden states; the LM head gets an empty slice, so no logits),
+   ``papo_loss`` with a view of the head's weight, accumulate the
    gradients of the micro-batches with the ``dapo`` normaliser of the whole minibatch,
    clip the gradient norm, AdamW step;
 8. log the step's metrics.
@@ -116,8 +117,7 @@ class Trainer:
             model, self.processor = load_local_model(config.model, dtype, self.attn_implementation, config.model_type)
         else:
             words = synthetic_words(config.tasks) if config.data is None else self.dataset.words()
-            # Qwen's layout (control tokens after the words): the loss reads a view of the head's first rows.
-            self.processor = build_processor(words, config.image_size, special_tokens_last=True)
+            self.processor = build_processor(words, config.image_size)
             model = build_model(self.processor.tokenizer, config.seed, config.model_type or "qwen2_vl", dtype,
                                 self.attn_implementation)
         if config.gradient_checkpointing:
@@ -244,7 +244,7 @@ class Trainer:
     def micro_batch_loss(self, rollout: Rollout, index: Tensor, advantages: Tensor, num_items_in_batch,
                          loss_kwargs: Dict, old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor],
                          masked_logprobs: Optional[Tensor], with_masked_pass: bool):
-        """``papo_loss`` of the responses ``index``: one backbone forward of their clean (and masked) inputs."""
+        """``papo_loss`` of the responses ``index``: one forward of their clean (and masked) inputs."""
         mask = rollout.completion_mask[index]
         tokens = head_tokens(rollout.completion_ids[index], mask, self.head_rows)
         hidden_masked = None

@@ -30,8 +30,8 @@ def head_rows(sampled_ids: Tensor, vocab_size: int) -> int:
 
     ``sampled_ids`` (ascending) are the ids sampling may emit (special tokens are suppressed).
 
-    - When they are exactly ``0 .. k-1`` (the tiny tokenizer laid out as Qwen's, with
-      end-of-turn first among the control tokens), the loss uses the first k rows: a softmax
+    - When they are exactly ``0 .. k-1`` (``tiny_model.build_tokenizer(special_tokens_last=True)``:
+      the words, then end-of-turn, then the other control tokens), the loss uses the first k rows: a softmax
       over exactly the tokens sampling draws from, so the log-probs l, the ratio
       exp(l - l_old), the entropies and the perception KL are those of the sampling
       distribution (temperature applied; top_p < 1 aside).
@@ -41,8 +41,9 @@ def head_rows(sampled_ids: Tensor, vocab_size: int) -> int:
       the full softmax's mass on the suppressed ids; the ratio exp(l - l_old) compares two
       full-softmax policies and equals the sampling ratio times (1 - S) / (1 - S_old), the
       same when the suppressed mass did not move; entropies and KL are full-vocabulary too.
-      Qwen2-VL and Qwen2.5-VL take this case: their suppressed <|im_start|> (id 151644)
-      sits between <|endoftext|> (151643) and the end-of-turn <|im_end|> (151645).
+      Qwen2-VL and Qwen2.5-VL take this case (their suppressed <|im_start|>, id 151644, sits
+      between <|endoftext|>, 151643, and the end-of-turn <|im_end|>, 151645), and so does the
+      offline default, whose tiny tokenizer puts the control tokens first.
 
     Either way the weight the loss reads is ``head.weight[:rows]``, a view, never a copy.
     """

@@ -38,8 +38,6 @@ def test_trainer_loss_equals_papo_loss_on_the_same_tensors(small_trainer):
 
     hidden, hidden_masked = backbone_hidden(trainer, rollout, False), backbone_hidden(trainer, rollout, True)
     assert (hidden - hidden_masked).abs().max() > 1e-4, "the masked image must change the hidden states"
-    # The tiny tokenizer's sampled ids are the head's first rows: the loss reads those rows.
-    assert trainer.head_rows < trainer.model.lm_head.weight.shape[0]
     head = trainer.model.lm_head.weight[:trainer.head_rows]
     tokens = rollout.completion_ids.where(mask, 0)
     expected, expected_metrics = papo_loss(hidden, head, tokens, mask, advantages, hidden_masked=hidden_masked,
@@ -60,7 +58,7 @@ def test_response_logprobs_match_the_full_model_logits(tmp_path):
     with torch.no_grad():
         logits = trainer.model(**sequence_inputs(rollout, torch.arange(len(rollout)), False)).logits
     length = rollout.completion_ids.shape[1]
-    # Only the sampled vocabulary (the head's first rows here) is trained: the softmax runs over its columns.
+    # The softmax runs over the head rows the loss reads (all of them for the tiny default: policy.head_rows).
     sampled = torch.log_softmax(logits[:, -length - 1:-1, :trainer.head_rows] / 0.7, dim=-1)
     expected = sampled.gather(-1, rollout.completion_ids.clamp(max=trainer.head_rows - 1)[..., None])[..., 0]
     expected = expected.where(rollout.completion_mask, 0.0)

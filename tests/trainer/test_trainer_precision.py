@@ -129,10 +129,12 @@ def update_once(trainer):
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
 def test_a_prefix_vocabulary_reads_a_view_of_the_head(tmp_path, monkeypatch, model_type):
+    # Qwen's layout with end-of-turn first among the control tokens: the sampled ids are the head's first rows.
+    folder = save_model_folder(tmp_path / "model", model_type, special_tokens_last=True)
     # ppo_epochs 2: old log-probs (linear_logprobs) are computed too.
-    trainer = Trainer(small_config(tmp_path, model_type=model_type, ppo_epochs=2))
+    trainer = Trainer(small_config(tmp_path / "run", model=str(folder), ppo_epochs=2))
     head = trainer.model.get_output_embeddings().weight
-    assert trainer.head_rows < head.shape[0], "the tiny default's sampled ids are the head's first rows"
+    assert trainer.head_rows == head.shape[0] - len(trainer.suppress_ids)
     seen = record_head_weights(monkeypatch)
     update_once(trainer)
     assert len(seen) >= 3
@@ -143,9 +145,9 @@ def test_a_prefix_vocabulary_reads_a_view_of_the_head(tmp_path, monkeypatch, mod
 
 
 def test_another_vocabulary_reads_the_full_head_under_the_full_softmax(tmp_path, monkeypatch):
-    # The tokenizer with the control tokens first: the sampled ids (words and end-of-turn) are no prefix.
-    folder = save_model_folder(tmp_path / "model", "qwen2_vl")
-    trainer = Trainer(small_config(tmp_path / "run", model=str(folder), temperature=0.7, ppo_epochs=2))
+    # The tiny default's tokenizer puts the control tokens first: the sampled ids (words and end-of-turn) are no
+    # prefix, as in Qwen's own tokenizers.
+    trainer = Trainer(small_config(tmp_path, temperature=0.7, ppo_epochs=2))
     head = trainer.model.get_output_embeddings().weight
     assert trainer.head_rows == head.shape[0]
     seen = record_head_weights(monkeypatch)
