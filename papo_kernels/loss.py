@@ -159,23 +159,26 @@ def _token_batch(mask: Tensor, index: Tensor, advantages: Tensor, old_logprobs, 
 
 
 def _choose_path(h: Dict[str, object], wants_grad: bool) -> str:
-    """``auto``: the fast path when a gradient is wanted and nothing needs the per-token path."""
-    per_token_only = h["backend"] == "reference" or h["importance_sampling_level"] == "sequence"
-    if h["path"] == "fast":
+    """``auto``: the fast path when a gradient is wanted and nothing needs the per-token path, or when the backend
+    is an epilogue the per-token ops do not have (``native``)."""
+    fast_only = h["backend"] not in BACKENDS
+    sequence_level = h["importance_sampling_level"] == "sequence"
+    path = h["path"]
+    if path == "auto":
+        per_token_only = h["backend"] == "reference" or sequence_level
+        path = "fast" if fast_only or (wants_grad and not per_token_only) else "per_token"
+    if path == "fast":
         if h["backend"] not in EPILOGUES:
             raise ValueError(f"path='fast' computes with an epilogue, one of backend {list(EPILOGUES)}, "
                              f"got backend={h['backend']!r}; use path='per_token' for it")
-        if h["importance_sampling_level"] == "sequence":
-            raise ValueError("path='fast' needs every token's gradient from its own statistics, which "
-                             "importance_sampling_level='sequence' couples across a sequence; use path='auto' or "
-                             "'per_token'")
-        return "fast"
-    if h["path"] == "per_token":
-        if h["backend"] not in BACKENDS:
-            raise ValueError(f"path='per_token' runs the LM-head ops, backend one of {list(BACKENDS)}, "
-                             f"got backend={h['backend']!r}")
-        return "per_token"
-    return "fast" if wants_grad and not per_token_only else "per_token"
+        if sequence_level:
+            raise ValueError(f"the fast path (path={h['path']!r}, backend={h['backend']!r}) needs every token's "
+                             "gradient from its own statistics, which importance_sampling_level='sequence' couples "
+                             f"across a sequence; use path='per_token' with backend one of {list(BACKENDS)}")
+    elif fast_only:
+        raise ValueError(f"path='per_token' runs the LM-head ops, backend one of {list(BACKENDS)}, "
+                         f"got backend={h['backend']!r}")
+    return path
 
 
 def _per_token_path(hidden, hidden_masked, weight, bias, tokens, batch: TokenBatch, objective: Objective,

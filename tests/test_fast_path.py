@@ -227,3 +227,16 @@ def test_sequence_level_importance_sampling_takes_the_per_token_path():
     assert_close("grad of hidden", grads["hidden"], want_grads["hidden"], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="importance_sampling_level='sequence'"):
         run(batch, case, importance_sampling_level="sequence", path="fast")
+
+
+def test_an_epilogue_only_the_fast_path_has_takes_the_fast_path_without_grad_too():
+    batch = make_batch()
+    inputs = (batch["hidden"], batch["weight"], batch["completion_ids"], batch["completion_mask"], batch["advantages"])
+    with torch.no_grad():
+        native, _ = papo_loss(*inputs, hidden_masked=batch["hidden_masked"], backend="native")
+        per_token, _ = papo_loss(*inputs, hidden_masked=batch["hidden_masked"], backend="reference")
+    assert_close("loss", native, per_token, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="path='per_token' runs the LM-head ops.*got backend='native'"):
+        papo_loss(*inputs, backend="native", path="per_token")
+    with pytest.raises(ValueError, match="backend='native'.*importance_sampling_level='sequence'"):
+        papo_loss(*inputs, backend="native", importance_sampling_level="sequence")

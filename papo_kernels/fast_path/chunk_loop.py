@@ -92,13 +92,15 @@ class MatrixProducts:
 
 def rows_per_chunk(n: int, vocab_size: int, dim: int, paired: bool, itemsize: int, half_dz: bool,
                    epilogue_bytes_per_token: int, workspace_bytes: int) -> int:
-    """The most tokens per chunk whose workspace fits ``workspace_bytes`` (at least 1)."""
+    """Tokens per chunk: the fewest chunks whose workspace fits ``workspace_bytes``, split evenly (at least 1)."""
     passes = 2 if paired else 1
     # the logits, the epilogue's temporaries, the chunk's hidden rows and their gradient rows
     per_token = passes * vocab_size * itemsize + epilogue_bytes_per_token + 2 * passes * dim * itemsize
     if half_dz:
         per_token += passes * vocab_size * 2
-    return max(1, min(n, workspace_bytes // per_token))
+    most = max(1, min(n, workspace_bytes // per_token))
+    chunks = -(-n // most)
+    return -(-n // chunks) if n else most
 
 
 def _detached_statistics(row_stats: RowStatistics, wants_grad: bool) -> Statistics:
