@@ -46,7 +46,7 @@ from .metrics_log import METRICS_NAME, MetricsLog, read_metrics
 from .model_options import (TORCH_DTYPES, check_mixed_precision, enable_gradient_checkpointing,
                             resolve_attn_implementation)
 from .plotting import plot_metrics
-from .policy import (CompletionHiddenStates, clean_and_masked_inputs, head_rows, head_tokens, response_logprobs,
+from .policy import (CompletionHiddenStates, clean_and_masked_inputs, head_tokens, response_logprobs, sampling_bias,
                      sequence_inputs)
 from .resume import check_resume, check_vocabulary
 from .rewards import extract_answer, is_correct, score_response
@@ -130,13 +130,13 @@ class Trainer:
         self.reference = None
         if self.loss_kwargs["beta"] > 0:
             self.reference = CompletionHiddenStates(self._frozen_copy(model).to(self.accelerator.device),
-                                                    self.head_rows)
+                                                    self.sampling_bias)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         # The Hugging Face model itself is what accelerate wraps (DDP) or shards (FSDP2), as TRL's trainers do.
         self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)
         initialise_root(self.policy, self.pad_id)
-        self.hidden_states = CompletionHiddenStates(self.policy, self.head_rows)
+        self.hidden_states = CompletionHiddenStates(self.policy, self.sampling_bias)
 
         seed = derived_seed(config.seed, "process", self.accelerator.process_index)
         random.seed(seed)
@@ -148,20 +148,21 @@ class Trainer:
     # Setup.
 
     def _setup_tokens(self, model) -> None:
-        """End-of-turn, padding and suppressed ids, and the head rows the loss reads (``policy.head_rows``)."""
+        """End-of-turn, padding and suppressed ids, and the loss's bias that suppresses them
+        (``policy.sampling_bias``)."""
         tokenizer = self.processor.tokenizer
         eos = model.generation_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        vocab_size = model.get_output_embeddings().weight.shape[0]
+        head = model.get_output_embeddings().weight
+        vocab_size = head.shape[0]
         vision_ids = [model.config.image_token_id, model.config.video_token_id, model.config.vision_start_token_id,
                       model.config.vision_end_token_id]
         # Special tokens (other than end-of-turn) and head rows past the tokenizer are never sampled.
         suppressed = set(tokenizer.all_special_ids) | set(vision_ids) | set(range(len(tokenizer), vocab_size))
         suppressed -= set(self.eos_ids)
         self.suppress_ids = sorted(suppressed)
-        sampled_ids = torch.tensor([i for i in range(vocab_size) if i not in suppressed])
-        self.head_rows = head_rows(sampled_ids, vocab_size)
+        self.sampling_bias = sampling_bias(vocab_size, self.suppress_ids, head.dtype, self.accelerator.device)
 
     @staticmethod
     def _frozen_copy(model):
@@ -246,7 +247,7 @@ class Trainer:
                          masked_logprobs: Optional[Tensor], with_masked_pass: bool):
         """``papo_loss`` of the responses ``index``: one forward of their clean (and masked) inputs."""
         mask = rollout.completion_mask[index]
-        tokens = head_tokens(rollout.completion_ids[index], mask, self.head_rows)
+        tokens = head_tokens(rollout.completion_ids[index], mask, self.sampling_bias)
         hidden_masked = None
         if with_masked_pass:
             hidden, weight, bias = self.hidden_states(clean_and_masked_inputs(rollout, index), mask.shape[1])
@@ -279,15 +280,13 @@ class Trainer:
         with_masked_pass = papo_terms and config.masked_gradient
         old_logprobs = ref_logprobs = masked_logprobs = None
         if config.ppo_epochs > 1 or config.minibatches > 1:
-            old_logprobs = response_logprobs(self.hidden_states, rollout, self.head_rows, config.temperature,
-                                             config.micro_batch_size)
+            old_logprobs = response_logprobs(self.hidden_states, rollout, config.temperature, config.micro_batch_size)
         if self.reference is not None:
             # The reference is not prepared by accelerate: its forward gets the policy's autocast here.
             with accelerator.autocast():
-                ref_logprobs = response_logprobs(self.reference, rollout, self.head_rows, config.temperature,
-                                                 config.micro_batch_size)
+                ref_logprobs = response_logprobs(self.reference, rollout, config.temperature, config.micro_batch_size)
         if papo_terms and not config.masked_gradient:
-            masked_logprobs = response_logprobs(self.hidden_states, rollout, self.head_rows, config.temperature,
+            masked_logprobs = response_logprobs(self.hidden_states, rollout, config.temperature,
                                                 config.micro_batch_size, masked=True)
 
         minibatches = torch.arange(len(rollout), device=advantages.device).chunk(config.minibatches)

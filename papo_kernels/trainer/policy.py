@@ -4,9 +4,8 @@
 accelerate (DDP, FSDP2), through its own forward with
 ``hidden_states.completion_hidden_states``: a pre-hook on the LM head takes the final
 hidden states and hands the head an empty slice, so no (tokens x vocabulary) logits
-are built. The head's weight is returned beside them and the fused loss applies it
-tile by tile; it is a view of the head's first rows, never a copy (``head_rows`` says
-how many rows, and under which distribution the log-probs and the ratio are taken).
+are built. The head's weight itself is returned beside them (never a copy) with the
+sampling bias (``sampling_bias``), and the fused loss applies them tile by tile.
 
 Because the pass is the wrapper's own forward, DDP sees it, and FSDP2 gathers every
 unit's shards in its hooks as the model runs: the head's unit (accelerate gives the
@@ -15,7 +14,7 @@ weight when ``output_head`` reads it, and ``output_head`` gathers a head that is
 sharded. ``sharding.py`` covers the rest of FSDP.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -24,33 +23,23 @@ from .. import linear_logprobs
 from ..hidden_states import completion_hidden_states, output_head
 from .rollout import Inputs, Rollout, take_sequences
 
+SUPPRESSED_LOGIT = -1.0e4  # far enough below any real logit that e^(z - lse) is 0 in float32 and float64
 
-def head_rows(sampled_ids: Tensor, vocab_size: int) -> int:
-    """How many leading rows of the LM head (``vocab_size`` rows) the loss uses.
 
-    ``sampled_ids`` (ascending) are the ids sampling may emit (special tokens are suppressed).
+def sampling_bias(vocab_size: int, suppressed_ids: Sequence[int], dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """``(V,)``: 0 for the ids sampling may emit, -1e4 for the ids it suppresses, added to the LM head's logits.
 
-    - When they are exactly ``0 .. k-1`` (``tiny_model.build_tokenizer(special_tokens_last=True)``:
-      the words, then end-of-turn, then the other control tokens), the loss uses the first k rows: a softmax
-      over exactly the tokens sampling draws from, so the log-probs l, the ratio
-      exp(l - l_old), the entropies and the perception KL are those of the sampling
-      distribution (temperature applied; top_p < 1 aside).
-    - Otherwise it uses all ``vocab_size`` rows: log-probs under the full-vocabulary softmax,
-      suppressed tokens (and head rows past the tokenizer) included, while sampling
-      renormalises over the unsuppressed ones. Then l = log p_sample(y) + log(1 - S), S being
-      the full softmax's mass on the suppressed ids; the ratio exp(l - l_old) compares two
-      full-softmax policies and equals the sampling ratio times (1 - S) / (1 - S_old), the
-      same when the suppressed mass did not move; entropies and KL are full-vocabulary too.
-      Qwen2-VL and Qwen2.5-VL take this case (their suppressed <|im_start|>, id 151644, sits
-      between <|endoftext|>, 151643, and the end-of-turn <|im_end|>, 151645), and so does the
-      offline default, whose tiny tokenizer puts the control tokens first.
-
-    Either way the weight the loss reads is ``head.weight[:rows]``, a view, never a copy.
+    Sampling sets the logits of the suppressed ids (special tokens, head rows past the tokenizer) to -inf. In
+    the loss they get -1e4 (divided by the temperature), whose probability is exactly 0 in float32 while
+    every logit stays finite (0 x log p stays 0 in the entropies and the KL). So the loss's softmax is the
+    sampling distribution, temperature applied (top_p < 1 aside): its log-probs, the ratio exp(l - l_old),
+    both entropies and the perception KL are those of the distribution the responses were drawn from,
+    whatever the tokenizer's layout, while the head is read as it is, never copied or sliced.
     """
-    k = sampled_ids.numel()
-    if torch.equal(sampled_ids.cpu(), torch.arange(k)):
-        return k
-    return vocab_size
+    bias = torch.zeros(vocab_size, dtype=dtype, device=device)
+    bias[list(suppressed_ids)] = SUPPRESSED_LOGIT
+    return bias
 
 
 class CompletionHiddenStates:
@@ -58,18 +47,19 @@ class CompletionHiddenStates:
     accelerate).
 
     hidden ``(N, T, D)``: the final hidden states (after the final norm) at the positions that
-    predict the T response tokens; weight ``(rows, D)`` and bias ``(rows,)`` (or None): views of
-    the LM head's first ``rows`` rows (see ``head_rows``), sharing its storage.
+    predict the T response tokens; weight ``(V, D)``: the LM head's weight itself; bias ``(V,)``: the
+    head's bias, if it has one, plus ``sampling_bias``.
     """
 
-    def __init__(self, model: nn.Module, rows: int):
+    def __init__(self, model: nn.Module, sampling_bias: Tensor):
         self.model = model
-        self.rows = rows
+        self.sampling_bias = sampling_bias
 
     def __call__(self, inputs: Inputs, completion_length: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         hidden = completion_hidden_states(self.model, inputs, completion_length)
         weight, bias = output_head(self.model)
-        return hidden, weight[:self.rows], None if bias is None else bias[:self.rows]
+        suppression = self.sampling_bias.to(weight.dtype)
+        return hidden, weight, suppression if bias is None else bias + suppression
 
 
 def sequence_inputs(rollout: Rollout, index: Tensor, masked: bool) -> Inputs:
@@ -94,25 +84,25 @@ def clean_and_masked_inputs(rollout: Rollout, index: Tensor) -> Inputs:
     return {key: torch.cat([clean[key], masked[key]], dim=1 if key == "position_ids" else 0) for key in clean}
 
 
-def head_tokens(completion_ids: Tensor, completion_mask: Tensor, rows: int) -> Tensor:
-    """Response ids as rows of the head the loss reads (its first ``rows``); 0 at padding (a safe index the mask
-    removes)."""
+def head_tokens(completion_ids: Tensor, completion_mask: Tensor, sampling_bias: Tensor) -> Tensor:
+    """Response ids for the loss, 0 at padding (a safe index the mask removes); refuses a sampled id the
+    sampling bias suppresses."""
     tokens = completion_ids.where(completion_mask, 0)
-    if bool((tokens >= rows).any()):
-        raise RuntimeError("a sampled response token is outside the trained vocabulary; suppress_tokens and the "
-                           "trained vocabulary disagree")
+    if bool((sampling_bias[tokens][completion_mask] < 0).any()):
+        raise RuntimeError("a sampled response token is one that sampling suppresses; suppress_tokens and the "
+                           "sampling bias disagree")
     return tokens
 
 
 @torch.no_grad()
-def response_logprobs(policy: CompletionHiddenStates, rollout: Rollout, rows: int, temperature: float,
+def response_logprobs(policy: CompletionHiddenStates, rollout: Rollout, temperature: float,
                       micro_batch_size: int, masked: bool = False) -> Tensor:
     """``(N, T)`` log-probs of the responses under ``policy`` (clean or masked image), 0 at padding."""
     parts = []
     for index in torch.arange(len(rollout)).split(micro_batch_size):
         mask = rollout.completion_mask[index]
         hidden, weight, bias = policy(sequence_inputs(rollout, index, masked), mask.shape[1])
-        tokens = head_tokens(rollout.completion_ids[index], mask, rows)
+        tokens = head_tokens(rollout.completion_ids[index], mask, policy.sampling_bias)
         logprobs = linear_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature).logprobs
         parts.append(logprobs.where(mask, 0.0))
     return torch.cat(parts)

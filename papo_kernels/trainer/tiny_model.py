@@ -36,19 +36,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(words: Sequence[str], special_tokens_last: bool = False) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over the Qwen-VL special tokens, chat words and ``words``.
-
-    The special tokens come first, unless ``special_tokens_last``: then the vocabulary is laid out
-    as Qwen's (words, then the control tokens), with end-of-turn first among the control tokens, so
-    the ids sampling may emit (the words and end-of-turn) are the head's first rows and the trainer's
-    loss reads a view of the head (``policy.head_rows``).
-    """
+def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over the Qwen-VL special tokens (first), chat words and ``words``."""
     words = [word for word in dict.fromkeys(CHAT_WORDS + tuple(words)) if word not in SPECIAL_TOKENS]
-    if special_tokens_last:
-        vocabulary = words + [END_OF_TURN] + [token for token in SPECIAL_TOKENS if token != END_OF_TURN]
-    else:
-        vocabulary = list(SPECIAL_TOKENS) + words
+    vocabulary = list(SPECIAL_TOKENS) + words
     word_level = Tokenizer(models.WordLevel(vocab={token: i for i, token in enumerate(vocabulary)},
                                             unk_token=PAD_TOKEN))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -58,13 +49,11 @@ def build_tokenizer(words: Sequence[str], special_tokens_last: bool = False) -> 
     )
 
 
-def build_processor(words: Sequence[str], image_size: int, special_tokens_last: bool = False
-                    ) -> ImageOnlyQwen2VLProcessor:
+def build_processor(words: Sequence[str], image_size: int) -> ImageOnlyQwen2VLProcessor:
     """Tokenizer (``build_tokenizer``) + ``Qwen2VLImageProcessorPil`` that keeps ``image_size`` x ``image_size``
     images as they are."""
     image_processor = Qwen2VLImageProcessorPil(min_pixels=image_size * image_size, max_pixels=image_size * image_size)
-    return ImageOnlyQwen2VLProcessor(image_processor=image_processor,
-                                     tokenizer=build_tokenizer(words, special_tokens_last),
+    return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=build_tokenizer(words),
                                      video_processor=None, chat_template=CHAT_TEMPLATE)
 
 

@@ -38,9 +38,9 @@ def test_trainer_loss_equals_papo_loss_on_the_same_tensors(small_trainer):
 
     hidden, hidden_masked = backbone_hidden(trainer, rollout, False), backbone_hidden(trainer, rollout, True)
     assert (hidden - hidden_masked).abs().max() > 1e-4, "the masked image must change the hidden states"
-    head = trainer.model.lm_head.weight[:trainer.head_rows]
     tokens = rollout.completion_ids.where(mask, 0)
-    expected, expected_metrics = papo_loss(hidden, head, tokens, mask, advantages, hidden_masked=hidden_masked,
+    expected, expected_metrics = papo_loss(hidden, trainer.model.lm_head.weight, tokens, mask, advantages,
+                                           hidden_masked=hidden_masked, bias=trainer.sampling_bias,
                                            num_items_in_batch=normaliser, **kwargs)
     expected.backward()
 
@@ -54,13 +54,14 @@ def test_trainer_loss_equals_papo_loss_on_the_same_tensors(small_trainer):
 def test_response_logprobs_match_the_full_model_logits(tmp_path):
     trainer = Trainer(small_config(tmp_path, temperature=0.7, ppo_epochs=2))
     rollout, _ = trainer.make_rollout(0)
-    logprobs = response_logprobs(trainer.hidden_states, rollout, trainer.head_rows, 0.7, micro_batch_size=5)
+    logprobs = response_logprobs(trainer.hidden_states, rollout, 0.7, micro_batch_size=5)
     with torch.no_grad():
         logits = trainer.model(**sequence_inputs(rollout, torch.arange(len(rollout)), False)).logits
     length = rollout.completion_ids.shape[1]
-    # The softmax runs over the head rows the loss reads (all of them for the tiny default: policy.head_rows).
-    sampled = torch.log_softmax(logits[:, -length - 1:-1, :trainer.head_rows] / 0.7, dim=-1)
-    expected = sampled.gather(-1, rollout.completion_ids.clamp(max=trainer.head_rows - 1)[..., None])[..., 0]
+    # The softmax of sampling: the suppressed ids' logits at -inf (policy.sampling_bias).
+    sampled = logits[:, -length - 1:-1] / 0.7
+    sampled[..., trainer.suppress_ids] = float("-inf")
+    expected = torch.log_softmax(sampled, dim=-1).gather(-1, rollout.completion_ids[..., None])[..., 0]
     expected = expected.where(rollout.completion_mask, 0.0)
     torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
     assert rollout.completion_mask.any(dim=1).all()

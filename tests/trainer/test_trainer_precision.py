@@ -128,40 +128,28 @@ def update_once(trainer):
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
-def test_a_prefix_vocabulary_reads_a_view_of_the_head(tmp_path, monkeypatch, model_type):
-    # Qwen's layout with end-of-turn first among the control tokens: the sampled ids are the head's first rows.
-    folder = save_model_folder(tmp_path / "model", model_type, special_tokens_last=True)
-    # ppo_epochs 2: old log-probs (linear_logprobs) are computed too.
-    trainer = Trainer(small_config(tmp_path / "run", model=str(folder), ppo_epochs=2))
+def test_the_loss_reads_the_head_itself_under_the_sampling_distribution(tmp_path, monkeypatch, model_type):
+    # A local model folder, as a real Qwen2-VL or Qwen2.5-VL comes; ppo_epochs 2: old log-probs (linear_logprobs)
+    # are computed too.
+    folder = save_model_folder(tmp_path / "model", model_type)
+    trainer = Trainer(small_config(tmp_path / "run", model=str(folder), temperature=0.7, ppo_epochs=2))
     head = trainer.model.get_output_embeddings().weight
-    assert trainer.head_rows == head.shape[0] - len(trainer.suppress_ids)
-    seen = record_head_weights(monkeypatch)
-    update_once(trainer)
-    assert len(seen) >= 3
-    for weight in seen:
-        assert weight.shape == (trainer.head_rows, head.shape[1])
-        assert weight.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
-        assert weight.data_ptr() == head.data_ptr(), "the first rows, not a copy of them"
-
-
-def test_another_vocabulary_reads_the_full_head_under_the_full_softmax(tmp_path, monkeypatch):
-    # The tiny default's tokenizer puts the control tokens first: the sampled ids (words and end-of-turn) are no
-    # prefix, as in Qwen's own tokenizers.
-    trainer = Trainer(small_config(tmp_path, temperature=0.7, ppo_epochs=2))
-    head = trainer.model.get_output_embeddings().weight
-    assert trainer.head_rows == head.shape[0]
     seen = record_head_weights(monkeypatch)
     rollout = update_once(trainer)
+    assert len(seen) >= 3
     for weight in seen:
         assert weight.shape == head.shape
-        assert weight.data_ptr() == head.data_ptr()
-    # The log-probs are those of the full-vocabulary softmax, suppressed tokens included.
-    logprobs = response_logprobs(trainer.hidden_states, rollout, trainer.head_rows, 0.7, micro_batch_size=8)
+        assert weight.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+        assert weight.data_ptr() == head.data_ptr(), "the head itself, not a copy"
+    # The log-probs are those of the sampling distribution: the suppressed ids' logits at -inf.
+    logprobs = response_logprobs(trainer.hidden_states, rollout, 0.7, micro_batch_size=8)
     with torch.no_grad():
         logits = trainer.model(**sequence_inputs(rollout, torch.arange(len(rollout)), False)).logits
     length = rollout.completion_ids.shape[1]
+    sampled = logits[:, -length - 1:-1] / 0.7
+    sampled[..., trainer.suppress_ids] = float("-inf")
+    expected = torch.log_softmax(sampled, dim=-1).gather(-1, rollout.completion_ids[..., None])[..., 0]
+    torch.testing.assert_close(logprobs, expected.where(rollout.completion_mask, 0.0), rtol=1e-5, atol=1e-5)
     full = torch.log_softmax(logits[:, -length - 1:-1] / 0.7, dim=-1)
-    expected = full.gather(-1, rollout.completion_ids[..., None])[..., 0].where(rollout.completion_mask, 0.0)
-    torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
-    suppressed = full[..., trainer.suppress_ids].exp().sum(-1)
-    assert (suppressed[rollout.completion_mask] > 1e-3).all(), "the full softmax gives the suppressed ids mass"
+    assert (full[..., trainer.suppress_ids].exp().sum(-1)[rollout.completion_mask] > 1e-3).all(), \
+        "without the sampling bias the suppressed ids would take mass: the check above would see it"

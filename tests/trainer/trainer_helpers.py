@@ -37,10 +37,10 @@ def subset(rollout, index):
 REPOSITORY = Path(__file__).parents[2]
 
 
-def save_model_folder(folder: Path, model_type: str, special_tokens_last: bool = False, seed: int = 1) -> Path:
-    """A local Hugging Face folder of the tiny ``model_type`` model with its tokenizer (``special_tokens_last``
-    as in ``build_tokenizer``), image processor and chat template, for the colour task's words."""
-    processor = build_processor(synthetic_words(["color"]), 56, special_tokens_last)
+def save_model_folder(folder: Path, model_type: str, seed: int = 1) -> Path:
+    """A local Hugging Face folder of the tiny ``model_type`` model with its tokenizer, image processor and chat
+    template, for the colour task's words."""
+    processor = build_processor(synthetic_words(["color"]), 56)
     build_model(processor.tokenizer, seed, model_type).save_pretrained(folder)
     processor.tokenizer.save_pretrained(folder)
     processor.image_processor.save_pretrained(folder)
