@@ -10,7 +10,7 @@ from papo_kernels.trainer import Trainer
 from papo_kernels.trainer.advantages import group_advantages, informative_groups, keep_responses
 from papo_kernels.trainer.policy import response_logprobs, sequence_inputs
 
-from trainer_helpers import small_config, subset
+from trainer_helpers import sampling_logits_and_logprobs, small_config, subset
 
 
 def backbone_hidden(trainer, rollout, masked):
@@ -55,14 +55,8 @@ def test_response_logprobs_match_the_full_model_logits(tmp_path):
     trainer = Trainer(small_config(tmp_path, temperature=0.7, ppo_epochs=2))
     rollout, _ = trainer.make_rollout(0)
     logprobs = response_logprobs(trainer.hidden_states, rollout, 0.7, micro_batch_size=5)
-    with torch.no_grad():
-        logits = trainer.model(**sequence_inputs(rollout, torch.arange(len(rollout)), False)).logits
-    length = rollout.completion_ids.shape[1]
     # The softmax of sampling: the suppressed ids' logits at -inf (policy.sampling_bias).
-    sampled = logits[:, -length - 1:-1] / 0.7
-    sampled[..., trainer.suppress_ids] = float("-inf")
-    expected = torch.log_softmax(sampled, dim=-1).gather(-1, rollout.completion_ids[..., None])[..., 0]
-    expected = expected.where(rollout.completion_mask, 0.0)
+    _, expected = sampling_logits_and_logprobs(trainer, rollout, 0.7)
     torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
     assert rollout.completion_mask.any(dim=1).all()
 

@@ -9,9 +9,9 @@ import papo_kernels.trainer.loop as loop
 import papo_kernels.trainer.policy as policy
 from papo_kernels.trainer import Trainer
 from papo_kernels.trainer.advantages import group_advantages
-from papo_kernels.trainer.policy import response_logprobs, sequence_inputs
+from papo_kernels.trainer.policy import response_logprobs
 
-from trainer_helpers import save_model_folder, small_config
+from trainer_helpers import sampling_logits_and_logprobs, save_model_folder, small_config
 
 MODEL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 
@@ -143,13 +143,8 @@ def test_the_loss_reads_the_head_itself_under_the_sampling_distribution(tmp_path
         assert weight.data_ptr() == head.data_ptr(), "the head itself, not a copy"
     # The log-probs are those of the sampling distribution: the suppressed ids' logits at -inf.
     logprobs = response_logprobs(trainer.hidden_states, rollout, 0.7, micro_batch_size=8)
-    with torch.no_grad():
-        logits = trainer.model(**sequence_inputs(rollout, torch.arange(len(rollout)), False)).logits
-    length = rollout.completion_ids.shape[1]
-    sampled = logits[:, -length - 1:-1] / 0.7
-    sampled[..., trainer.suppress_ids] = float("-inf")
-    expected = torch.log_softmax(sampled, dim=-1).gather(-1, rollout.completion_ids[..., None])[..., 0]
-    torch.testing.assert_close(logprobs, expected.where(rollout.completion_mask, 0.0), rtol=1e-5, atol=1e-5)
-    full = torch.log_softmax(logits[:, -length - 1:-1] / 0.7, dim=-1)
+    scaled, expected = sampling_logits_and_logprobs(trainer, rollout, 0.7)
+    torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
+    full = torch.log_softmax(scaled, dim=-1)
     assert (full[..., trainer.suppress_ids].exp().sum(-1)[rollout.completion_mask] > 1e-3).all(), \
         "without the sampling bias the suppressed ids would take mass: the check above would see it"

@@ -11,6 +11,7 @@ import torch
 
 from papo_kernels.trainer import TrainerConfig
 from papo_kernels.trainer.data import synthetic_words
+from papo_kernels.trainer.policy import sequence_inputs
 from papo_kernels.trainer.rollout import take_blocks, take_sequences
 from papo_kernels.trainer.tiny_model import build_model, build_processor
 
@@ -32,6 +33,19 @@ def subset(rollout, index):
                                position_ids=rollout.position_ids[:, index],
                                texts=[rollout.texts[i] for i in index.tolist()],
                                answers=[rollout.answers[i] for i in index.tolist()])
+
+
+def sampling_logits_and_logprobs(trainer, rollout, temperature: float):
+    """From the model's own full logits: the completion positions' logits over ``temperature``, and the response
+    log-probs under the sampling distribution (the suppressed ids' logits at -inf), 0 where the mask is off."""
+    with torch.no_grad():
+        logits = trainer.model(**sequence_inputs(rollout, torch.arange(len(rollout)), False)).logits
+    length = rollout.completion_ids.shape[1]
+    scaled = logits[:, -length - 1:-1] / temperature
+    sampled = scaled.clone()
+    sampled[..., trainer.suppress_ids] = float("-inf")
+    logprobs = torch.log_softmax(sampled, dim=-1).gather(-1, rollout.completion_ids[..., None])[..., 0]
+    return scaled, logprobs.where(rollout.completion_mask, 0.0)
 
 
 REPOSITORY = Path(__file__).parents[2]
