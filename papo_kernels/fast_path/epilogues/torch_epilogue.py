@@ -3,7 +3,8 @@
 It is the second opinion the tests hold the Triton and native epilogues to, and the
 fallback where neither is available. After ``statistics`` the logits chunk holds
 log p (and log q) in place; ``logit_gradient`` reads them. Besides the logits it
-allocates three (C, V) temporaries for a paired chunk and one for a single pass.
+holds up to three (C, V) temporaries at once, paired or not (a single pass: p, the
+factor and one term of it, or logsumexp's own beside exp in ``statistics``).
 """
 
 from typing import Optional
@@ -17,7 +18,7 @@ NAME = "torch"
 
 
 def workspace_bytes_per_token(vocab_size: int, paired: bool, itemsize: int) -> int:
-    return (3 if paired else 1) * vocab_size * itemsize
+    return 3 * vocab_size * itemsize
 
 
 def _log_softmax_(z: Tensor, tokens: Tensor):
