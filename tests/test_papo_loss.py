@@ -82,8 +82,9 @@ def call(batch, *, masked_input, with_old, with_ref, **options):
         kwargs["old_logprobs"] = batch["old_logprobs"]
     if with_ref:
         kwargs["ref_logprobs"] = batch["ref_logprobs"]
+    kwargs.setdefault("backend", "reference")
     return papo_loss(batch["hidden"], batch["weight"], batch["completion_ids"], batch["completion_mask"],
-                     batch["advantages"], backend="reference", **kwargs)
+                     batch["advantages"], **kwargs)
 
 
 CASES = [
@@ -233,16 +234,23 @@ def test_a_masked_out_token_changes_nothing():
     assert (dh_b[off] == 0).all()
 
 
+@pytest.mark.parametrize("path, backend", [("per_token", "reference"), ("per_token", "torch"), ("fast", "torch"),
+                                           ("fast", "native")])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
-def test_all_zero_mask_gives_a_finite_zero_loss(loss_type):
+def test_all_zero_mask_gives_a_finite_zero_loss_and_zero_gradients(loss_type, path, backend):
+    """Zero gradients, not none: the layers before the head (here a linear map) get a gradient to reduce, as
+    under DDP every rank must, when a micro-batch has no unmasked token."""
     batch = make_batch()
     batch["completion_mask"].zero_()
-    hidden = batch["hidden"].clone().requires_grad_()
-    loss, metrics = call({**batch, "hidden": hidden}, masked_input="hidden_masked", with_old=True, with_ref=True,
-                         loss_type=loss_type)
+    body = torch.nn.Linear(D, D, dtype=torch.float64)
+    hidden_masked = batch["hidden_masked"].clone().requires_grad_()
+    loss, metrics = call({**batch, "hidden": body(batch["hidden"]), "hidden_masked": hidden_masked},
+                         masked_input="hidden_masked", with_old=True, with_ref=True, loss_type=loss_type, path=path,
+                         backend=backend)
     loss.backward()
     assert loss.item() == 0.0
-    assert torch.isfinite(hidden.grad).all() and (hidden.grad == 0).all()
+    assert body.weight.grad is not None and (body.weight.grad == 0).all()
+    assert hidden_masked.grad is not None and (hidden_masked.grad == 0).all()
     assert all(torch.isfinite(m) for m in metrics.values())
 
 

@@ -193,10 +193,15 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
         if needs_bias:
             grad_bias += dz[first:last].sum(0, dtype=result_dtype)
 
-    if not chunk_terms:  # no tokens: the (empty) terms of an empty chunk
+    if not chunk_terms:  # no tokens: the (empty) terms of an empty chunk, and zero gradients as autograd gives
         empty = hidden.new_empty(0, dtype=result_dtype)
-        _, terms, _ = chunk_objective(RowStatistics(*[empty] * (7 if paired else 3)), batch, objective, False)
+        _, terms, upstream = chunk_objective(RowStatistics(*[empty] * (7 if paired else 3)), batch, objective,
+                                             wants_grad)
         chunk_terms.append(terms)
+        if upstream is not None and needs_hidden and upstream.clean:
+            grad_hidden = torch.zeros_like(hidden)
+        if upstream is not None and needs_hidden_masked and upstream.masked:
+            grad_hidden_masked = torch.zeros_like(hidden_masked)
     terms = Terms(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunk_terms)))
     if grad_weight is not None and not weight_is_result:
         grad_weight = grad_weight.to(weight.dtype)
