@@ -302,9 +302,11 @@ def papo_loss(
             gradients, pass it divided by the number of processes.
         path: ``"auto"`` (the fast path when a gradient is wanted, else the per-token ops),
             ``"fast"`` or ``"per_token"``.
-        backend: ``"auto"``; for the per-token path one of ``papo_kernels.BACKENDS``
-            (``"reference"`` always takes the per-token path), for the fast path the epilogue,
-            ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (``triton`` on CUDA, ``native`` on the CPU for the fast path);
+            for the per-token path one of ``papo_kernels.BACKENDS`` (``"reference"`` always
+            takes the per-token path), for the fast path the epilogue, ``"torch"``,
+            ``"triton"`` or ``"native"`` (which has no per-token op, so it takes the fast
+            path under ``no_grad`` too).
         workspace_bytes: the fast path's budget for its logits chunk and the epilogue's
             temporaries (256 MiB by default).
 
