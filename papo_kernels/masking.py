@@ -51,11 +51,26 @@ def random_cell_mask(height: int, width: int, cell: int, probability: float, gen
     return torch.rand(rows, cols, generator=generator) < probability
 
 
-def mask_image(image, cell_mask: Tensor, cell: int):
-    """A copy of the PIL ``image`` (as RGB) with the cells marked in ``cell_mask`` set to black."""
+def as_rgb(image):
+    """The PIL ``image`` in RGB as transformers' image processors make it (``image_transforms.convert_to_rgb``).
+
+    An image with transparency (an alpha band, or a palette's transparent index) is composited over
+    white; ``image.convert("RGB")`` alone would drop the alpha and keep the stored colour, often black.
+    """
     from PIL import Image
 
-    pixels = np.array(image.convert("RGB"))
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+
+
+def mask_image(image, cell_mask: Tensor, cell: int):
+    """A copy of the PIL ``image`` in RGB (``as_rgb``, as the image processor sees it) with the cells marked in
+    ``cell_mask`` set to black."""
+    from PIL import Image
+
+    pixels = np.array(as_rgb(image))
     pixel_mask = cell_mask.numpy().repeat(cell, axis=0).repeat(cell, axis=1)[: pixels.shape[0], : pixels.shape[1]]
     pixels[pixel_mask] = 0
     return Image.fromarray(pixels)
