@@ -23,8 +23,9 @@ from itertools import accumulate
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from PIL import Image
 from torch import Tensor
-from trl import GRPOTrainer
+from trl import GRPOTrainer, prepare_multimodal_messages
 
 from .. import linear_logprobs, papo_loss
 from ..hidden_states import completion_hidden_states, output_head
@@ -110,7 +111,7 @@ class PAPOTrainer(GRPOTrainer):
         without_image = [index for index, count in enumerate(output["num_images"]) if count == 0]
         if without_image:
             raise ValueError(f"PAPOTrainer needs at least one image per prompt; prompts {without_image} of the batch "
-                             "have none (an 'image' or 'images' column)")
+                             "have none (in an 'image' or 'images' column or in the prompt's messages)")
         masked = self._masked_pixel_values(inputs, output)
         if self.args.masked_gradient:
             rows = output["image_grid_thw"].prod(-1).tolist()
@@ -288,10 +289,28 @@ def _spans(counts: List[int]) -> List[Tuple[int, int]]:
 
 
 def _prompt_images(inputs: List[dict]) -> List[list]:
-    """The images of each prompt of TRL's batch (its ``images`` or ``image`` column), as TRL reads them."""
-    if "images" in inputs[0]:
-        return [example["images"] for example in inputs]
-    return [[example["image"]] for example in inputs]
+    """The images of each prompt of TRL's batch, in the order GRPOTrainer gives them to the processor.
+
+    As GRPOTrainer does: the ``images`` or ``image`` column fills the prompt's image placeholders
+    (``prepare_multimodal_messages``), then the prompt's images are the image parts of its messages
+    in order, so images in a column, inside the messages, or both are read alike.
+    """
+    column = next((name for name in ("images", "image") if name in inputs[0]), None)
+    images = []
+    for index, example in enumerate(inputs):
+        given = example.get(column) if column else None
+        if column == "image" and given is not None:
+            given = [given]
+        messages = prepare_multimodal_messages(example["prompt"], images=given)
+        prompt_images = [part.get("image") for message in messages if isinstance(message.get("content"), list)
+                         for part in message["content"] if part["type"] == "image"]
+        not_pil = [type(image).__name__ for image in prompt_images if not isinstance(image, Image.Image)]
+        if not_pil:
+            raise ValueError("PAPOTrainer with mask_target='image' masks PIL images, given in an 'image' or 'images' "
+                             "column or as {'type': 'image', 'image': <PIL image>} parts of the prompt's messages; "
+                             f"prompt {index} has {not_pil} (give PIL images, or set mask_target='pixel_values')")
+        images.append(prompt_images)
+    return images
 
 
 def _take_samples(inputs: Dict[str, Optional[Tensor]], num_images: Optional[List[int]], start: int,

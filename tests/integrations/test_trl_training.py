@@ -1,5 +1,6 @@
 """The real PAPOTrainer on the offline tiny Qwen2-VL: training steps, the masked images, the masked pass's gradient."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +134,36 @@ def test_text_only_prompts_are_refused(tiny, tmp_path):
     rows = [{"prompt": [{"role": "user", "content": "what color is the square ?"}], "answer": "red"}] * NUM_GENERATIONS
     with pytest.raises(ValueError, match="needs image prompts"):
         trainer._generate_and_score_completions(rows)
+
+
+def prompt_with_images(layout: str, example: dict, other_image) -> dict:
+    """``example`` with its image in the ``image`` column, inside the prompt's message, or both: a message image
+    (``other_image``) first, then a placeholder the column's image fills."""
+    question = {"type": "text", "text": example["prompt"][0]["content"][1]["text"]}
+    if layout == "column":
+        return example
+    if layout == "messages":
+        content = [{"type": "image", "image": example["image"]}, question]
+        return {"prompt": [{"role": "user", "content": content}], "answer": example["answer"]}
+    content = [{"type": "image", "image": other_image}, {"type": "image"}, question]
+    return {"prompt": [{"role": "user", "content": content}], "image": example["image"], "answer": example["answer"]}
+
+
+@pytest.mark.parametrize("layout, images_per_prompt", [("column", 1), ("messages", 1), ("mixed", 2)])
+def test_images_in_a_column_inside_the_messages_or_both(tiny, tmp_path, layout, images_per_prompt):
+    """TRL's image formats, in the order TRL gives them to the processor: with nothing masked the masked
+    pixel_values are the clean ones, image by image."""
+    trainer = make_trainer(tiny, tmp_path, mask_probability=0.0)
+    dataset = tiny[2]
+    rows = [prompt_with_images(layout, dataset[0], dataset[1]["image"])] * NUM_GENERATIONS
+    batch = trainer._prepare_inputs(rows)
+    assert batch["num_images"] == [images_per_prompt] * len(batch["num_images"])
+    torch.testing.assert_close(torch.cat(batch["masked_pixel_values"]), batch["pixel_values"], rtol=0, atol=0)
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
+
+
+def test_images_that_are_not_pil_are_refused(tiny):
+    example = prompt_with_images("messages", tiny[2][0], None)
+    example["prompt"][0]["content"][0]["image"] = np.asarray(example["prompt"][0]["content"][0]["image"])
+    with pytest.raises(ValueError, match=r"PIL images.*'image' or 'images' column.*prompt 0 has \['ndarray'\]"):
+        trl_trainer._prompt_images([example])
