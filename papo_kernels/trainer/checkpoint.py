@@ -1,4 +1,4 @@
-"""Checkpoints: model, optimizer, lr schedule, next step, RNG state, config and vocabulary in one file.
+"""Checkpoints: model, optimizer, lr schedule, loss scaler, next step, RNG state, config and vocabulary in one file.
 
 The file is written atomically (``files.write_atomically``): a kill at any moment leaves
 either the old checkpoint or the new one. The tokenizer's vocabulary is stored so that a
@@ -13,7 +13,7 @@ grew to 22 GB before the kernel killed the process).
 
 import random
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -41,11 +41,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def save_checkpoint(output_dir, *, model_state: Dict[str, torch.Tensor], optimizer_state: Dict[str, Any],
                     scheduler_state: Dict[str, Any], next_step: int, rng_states: List[Dict[str, Any]],
-                    config: Dict[str, Any], vocabulary: Dict[str, int]) -> Path:
-    """Write ``output_dir/checkpoint.pt`` atomically; ``rng_states`` holds one state per process and
-    ``vocabulary`` the tokenizer's token -> id map."""
+                    config: Dict[str, Any], vocabulary: Dict[str, int],
+                    scaler_state: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``output_dir/checkpoint.pt`` atomically; ``rng_states`` holds one state per process,
+    ``vocabulary`` the tokenizer's token -> id map and ``scaler_state`` fp16's loss scaler (None without one;
+    a checkpoint written before it was saved has no ``scaler`` key)."""
     payload = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler_state,
-               "next_step": next_step, "rng_states": rng_states, "config": config, "vocabulary": vocabulary}
+               "next_step": next_step, "rng_states": rng_states, "config": config, "vocabulary": vocabulary,
+               "scaler": scaler_state}
     return write_atomically(Path(output_dir) / CHECKPOINT_NAME, lambda handle: torch.save(payload, handle))
 
 

@@ -15,7 +15,8 @@ One step, in order:
    forward (final hidden states; the LM head gets an empty slice, so no logits),
    ``papo_loss`` with a view of the head's weight, accumulate the
    gradients of the micro-batches with the ``dapo`` normaliser of the whole minibatch,
-   clip the gradient norm, AdamW step;
+   clip the gradient norm, AdamW step (under fp16's loss scaler an overflow, a non-finite norm, skips the step and
+   lowers the scale, as accelerate's scaler does; without a scaler it stops the run);
 8. log the step's metrics.
 """
 
@@ -195,9 +196,11 @@ class Trainer:
         rng_states = gather_object([rng_state()])
         model_state, optimizer_state = full_state(self.model, self.optimizer)
         if self.accelerator.is_main_process:
+            scaler = self.accelerator.scaler
             save_checkpoint(self.config.output_dir, model_state=model_state, optimizer_state=optimizer_state,
                             scheduler_state=self.scheduler.state_dict(), next_step=next_step, rng_states=rng_states,
-                            config=self.config.to_dict(), vocabulary=self.tokenizer_vocabulary)
+                            config=self.config.to_dict(), vocabulary=self.tokenizer_vocabulary,
+                            scaler_state=None if scaler is None else scaler.state_dict())
         self.accelerator.wait_for_everyone()
 
     def _restore(self, checkpoint: Dict) -> None:
@@ -209,13 +212,17 @@ class Trainer:
             raise TrainerInputError(f"--resume: the checkpoint's weights do not fit the model of {where} "
                                     f"({' '.join(str(error).split())[:300]})") from None
         try:
-            load_full_optimizer_state(self.model, self.optimizer, checkpoint["optimizer"])
+            # The torch optimizer inside accelerate's wrapper: torch fills empty state with a step of zero gradients,
+            # which the wrapper would hand to fp16's loss scaler before any loss was scaled.
+            load_full_optimizer_state(self.model, self.optimizer.optimizer, checkpoint["optimizer"])
         except (RuntimeError, KeyError, ValueError) as error:
             raise TrainerInputError(f"--resume: the checkpoint's optimizer state does not fit the parameters of "
                                     f"{where} ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
                                     "checkpoints written before the state was keyed by parameter name cannot be "
                                     "resumed") from None
         self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.accelerator.scaler is not None and checkpoint.get("scaler") is not None:
+            self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng_states"][self.accelerator.process_index])
 
     # One step.
@@ -272,7 +279,8 @@ class Trainer:
         return kwargs
 
     def update(self, rollout: Rollout, advantages: Tensor, step: int) -> Dict[str, float]:
-        """Steps 6-7; returns the token-weighted means of the loss metrics, the loss and the last grad norm."""
+        """Steps 6-7; returns the token-weighted means of the loss metrics, the loss, the last grad norm and how many
+        optimizer steps the loss scaler skipped (``scaler_skipped_updates``, fp16 overflows)."""
         config, accelerator = self.config, self.accelerator
         world = accelerator.num_processes
         loss_kwargs = self.step_loss_kwargs(step)
@@ -296,7 +304,7 @@ class Trainer:
 
         self.policy.train()
         sums = {name: 0.0 for name in LOSS_METRICS}
-        weight_total, loss_total, grad_norm, optimizer_steps = 0.0, 0.0, 0.0, 0
+        weight_total, loss_total, grad_norm, optimizer_steps, scaler_skipped_updates = 0.0, 0.0, 0.0, 0, 0
         for _ in range(config.ppo_epochs):
             for index, normaliser in zip(minibatches, normalisers):
                 if normaliser == 0:  # every group of this minibatch was dropped (dapo_filter): nothing to learn
@@ -317,15 +325,19 @@ class Trainer:
                     loss_total += float(loss.detach())
                     weight_total += tokens
                 grad_norm = float(accelerator.clip_grad_norm_(self.policy.parameters(), config.max_grad_norm))
-                if not math.isfinite(grad_norm):
+                # Under fp16's loss scaler a non-finite norm is an overflow of the scaled gradients: the scaler's
+                # step skips the update and lowers the scale. Without one the gradients themselves are not finite.
+                if not math.isfinite(grad_norm) and accelerator.scaler is None:
                     raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm}; stopping before the "
                                              "optimizer writes non-finite weights")
                 self.optimizer.step()
+                scaler_skipped_updates += int(self.optimizer.step_was_skipped)
                 optimizer_steps += 1
         means = {name: value / max(weight_total, 1.0) for name, value in sums.items()}
         # The minibatch objective (its micro-batch losses summed), averaged over the optimizer steps.
         means["loss"] = loss_total / optimizer_steps
         means["grad_norm"] = grad_norm
+        means["scaler_skipped_updates"] = scaler_skipped_updates
         return means
 
     def train_step(self, step: int) -> Dict[str, float]:

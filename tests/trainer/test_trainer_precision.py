@@ -1,8 +1,10 @@
-"""The tiny Qwen2-VL and Qwen2.5-VL train in float32, bfloat16 and under bf16 mixed precision; gradient checkpointing
-and the attention kernel change the memory and speed, not the loss; the loss reads the LM head without copying it."""
+"""The tiny Qwen2-VL and Qwen2.5-VL train in float32, bfloat16 and under bf16 mixed precision; fp16's loss scaler
+skips an overflowing update and is checkpointed; gradient checkpointing and the attention kernel change the memory and
+speed, not the loss; the loss reads the LM head without copying it."""
 
 import pytest
 import torch
+from accelerate import Accelerator
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 import papo_kernels.trainer.loop as loop
@@ -53,6 +55,41 @@ def test_the_tiny_qwen2_5_vl_trains_three_steps(tmp_path, torch_dtype, mixed_pre
         assert still == norms and torch.equal(after[norms[0]], torch.ones_like(after[norms[0]]))
     else:
         assert still == [], f"weights that never moved: {still}"
+
+
+def accelerator_with_a_loss_scaler(initial_scale: float) -> Accelerator:
+    """A CPU accelerator with a loss scaler, standing in for fp16's (whose autocast runs only on CUDA): the same
+    ``GradScaler`` code in accelerate's backward, unscale, clip and step. A scale of 1e38 overflows float32 gradients
+    as fp16's initial 65536 overflows float16 ones."""
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=initial_scale)
+    return accelerator
+
+
+def test_an_overflow_under_the_loss_scaler_skips_the_update_and_lowers_the_scale(tmp_path):
+    accelerator = accelerator_with_a_loss_scaler(1e38)
+    trainer = Trainer(small_config(tmp_path, steps=2, skip_uninformative_steps=False), accelerator=accelerator)
+    before = weights_of(trainer)
+    records = trainer.train()
+    assert [record["scaler_skipped_updates"] for record in records] == [1, 1]
+    assert accelerator.scaler.get_scale() == pytest.approx(1e38 * 0.5 ** 2, rel=1e-6), "each overflow halves it"
+    after = weights_of(trainer)
+    assert all(torch.equal(before[name], after[name]) for name in before), "a skipped update leaves the weights"
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]
+    assert saved == accelerator.scaler.state_dict()
+
+
+def test_a_resume_continues_with_the_saved_loss_scale(tmp_path):
+    settings = dict(skip_uninformative_steps=False, lr_schedule="constant")
+    Trainer(small_config(tmp_path, steps=1, **settings), accelerator=accelerator_with_a_loss_scaler(1e38)).train()
+    accelerator = accelerator_with_a_loss_scaler(1e38)
+    Trainer(small_config(tmp_path, steps=2, **settings), resume=True, accelerator=accelerator)
+    assert accelerator.scaler.get_scale() == pytest.approx(0.5e38, rel=1e-6)
+
+
+def test_without_a_loss_scaler_every_update_counts(tmp_path):
+    records = Trainer(small_config(tmp_path, steps=1, skip_uninformative_steps=False)).train()
+    assert records[0]["scaler_skipped_updates"] == 0
 
 
 def loss_and_gradients(trainer, rollout):
