@@ -27,10 +27,10 @@ class PAPOConfig(GRPOConfig):
     ``PAPOConfig.from_preset(name, **overrides)`` sets any of ``papo_kernels.PRESETS`` the same way
     (``papo_g`` sets ``beta=0.01``, which loads a reference model).
 
-    The GRPO settings keep TRL's names: the clip range is ``epsilon`` / ``epsilon_high``, the
-    dual clip c is TRL's ``delta`` (``papo_loss(dual_clip=delta)``; the two are the same loss when
-    ``delta > 1 + epsilon_high``, which is required here), and ``loss_type`` is one of
-    ``grpo``, ``bnpo``, ``dapo``, ``dr_grpo``.
+    The GRPO settings keep TRL's names: the clip range is ``epsilon`` / ``epsilon_high`` (None means
+    ``epsilon``, as in TRL), the dual clip c is TRL's ``delta`` (``papo_loss(dual_clip=delta)``; the two
+    are the same loss when ``delta > 1 + epsilon_high``, which is required here), and ``loss_type`` is
+    one of ``grpo``, ``bnpo``, ``dapo``, ``dr_grpo``.
 
     PAPO parameters:
         gamma (`float`, defaults to `0.01`): coefficient of the perception KL between the policy on the
@@ -52,7 +52,7 @@ class PAPOConfig(GRPOConfig):
     """
 
     epsilon_high: Optional[float] = field(
-        default=0.28, metadata={"help": "Upper clip epsilon; PAPO-D (DAPO) uses 0.28, PAPO-G 0.3."})
+        default=0.28, metadata={"help": "Upper clip epsilon (None: epsilon); PAPO-D (DAPO) uses 0.28, PAPO-G 0.3."})
     delta: Optional[float] = field(
         default=3.0, metadata={"help": "Dual clip c (TRL's two-sided clip): the loss of a negative-advantage token "
                                        "is at most -c A. Must exceed 1 + epsilon_high; None is off."})
@@ -99,6 +99,11 @@ class PAPOConfig(GRPOConfig):
         """Whether any PAPO term is on (papo_loss needs the masked pass for each of them)."""
         return self.gamma != 0 or self.eta_clean != 0 or self.eta_masked != 0
 
+    @property
+    def upper_clip_epsilon(self) -> float:
+        """The ratio's upper clip is 1 + this: ``epsilon_high``, or ``epsilon`` where it is None (as in TRL)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
     def coefficient_scale(self, step: int, total_steps: int) -> float:
         """Factor on gamma, eta_clean and eta_masked at optimizer step ``step`` of ``total_steps``."""
         if self.gamma_schedule == "fixed" or self.gamma == 0:
@@ -108,8 +113,8 @@ class PAPOConfig(GRPOConfig):
 
     def papo_loss_options(self) -> Dict[str, Any]:
         """The ``papo_loss`` keywords this config fixes for the whole run (the coefficients aside)."""
-        return dict(epsilon_low=self.epsilon, epsilon_high=self.epsilon_high, dual_clip=self.delta, beta=self.beta,
-                    perception_kl=self.perception_kl, entropy=self.entropy, loss_type=self.loss_type,
+        return dict(epsilon_low=self.epsilon, epsilon_high=self.upper_clip_epsilon, dual_clip=self.delta,
+                    beta=self.beta, perception_kl=self.perception_kl, entropy=self.entropy, loss_type=self.loss_type,
                     max_completion_length=self.max_completion_length,
                     importance_sampling_level=self.importance_sampling_level, backend=self.backend)
 
@@ -140,7 +145,7 @@ class PAPOConfig(GRPOConfig):
                  "states)")
 
     def _check_grpo_fields(self) -> None:
-        """GRPO options that papo_loss does not implement are refused, not ignored."""
+        """GRPO options that papo_loss does not implement, or values outside its ranges, are refused, not ignored."""
         def refuse(name: str, allowed: str) -> None:
             raise ValueError(f"PAPOConfig.{name}={getattr(self, name)!r} is not supported by PAPOTrainer; "
                              f"allowed: {allowed}")
@@ -149,7 +154,11 @@ class PAPOConfig(GRPOConfig):
             refuse("loss_type", f"one of {list(LOSS_TYPES)}")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             refuse("importance_sampling_level", f"one of {list(IMPORTANCE_SAMPLING_LEVELS)}")
-        epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        if not (_is_number(self.epsilon) and 0 <= self.epsilon < 1):
+            refuse("epsilon", "a number in [0, 1) (the ratio's lower clip 1 - epsilon stays positive)")
+        if self.epsilon_high is not None and not (_is_number(self.epsilon_high) and self.epsilon_high >= 0):
+            refuse("epsilon_high", "None (the same as epsilon) or a number >= 0")
+        epsilon_high = self.upper_clip_epsilon
         if self.delta is not None and not (_is_number(self.delta) and self.delta > 1 + epsilon_high):
             refuse("delta", f"None or a number > 1 + epsilon_high = {1 + epsilon_high} (the dual clip)")
         if self.use_bias_correction_kl and self.beta != 0:

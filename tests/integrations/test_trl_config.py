@@ -40,6 +40,13 @@ def test_a_grpo_config_differs_where_papo_sets_the_paper_value():
     assert (papo.epsilon_high, papo.delta, papo.use_bias_correction_kl) == (0.28, 3.0, False)
 
 
+def test_epsilon_high_none_is_epsilon_as_in_trl():
+    config = PAPOConfig(epsilon=0.25, epsilon_high=None, **CPU)
+    assert config.papo_loss_options()["epsilon_high"] == 0.25
+    with pytest.raises(ValueError, match="delta=1.2 is not supported.*1 \\+ epsilon_high = 1.25"):
+        PAPOConfig(epsilon=0.25, epsilon_high=None, delta=1.2, **CPU)
+
+
 def test_linear_gamma_schedule():
     config = PAPOConfig(gamma=0.02, gamma_schedule="linear", gamma_final=0.01, gamma_anneal_fraction=0.5, **CPU)
     assert [config.coefficient_scale(step, 100) for step in (0, 25, 50, 90)] == pytest.approx([1, 0.75, 0.5, 0.5])
@@ -50,6 +57,10 @@ def test_linear_gamma_schedule():
     (dict(loss_type="cispo"), "loss_type='cispo' is not supported"),
     (dict(importance_sampling_level="segment"), "importance_sampling_level"),
     (dict(delta=1.2), "delta=1.2 is not supported"),
+    (dict(epsilon=1.0), r"epsilon=1.0 is not supported.*\[0, 1\)"),
+    (dict(epsilon=-0.1), "epsilon=-0.1 is not supported"),
+    (dict(epsilon=None), "epsilon=None is not supported"),
+    (dict(epsilon_high=-0.1), "epsilon_high=-0.1 is not supported"),
     (dict(beta=0.01, use_bias_correction_kl=True), "use_bias_correction_kl"),
     (dict(entropy_coef=0.01), "entropy_coef"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
