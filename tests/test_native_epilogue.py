@@ -9,7 +9,8 @@
   registered backward is the gradient op;
 - papo_loss end to end with backend="native" equals backend="torch" (float64, 1e-10);
 - in fresh processes: no compiler gives the torch epilogue with exactly one warning; a failing
-  compiler gives an error that carries its output; two processes on a cold cache build once;
+  compiler gives an error that carries its output; two processes on a cold cache build once; a
+  read-only cache loads the library it holds, and without one gives the torch epilogue with one warning;
 - the math header compiles for CUDA (sm_90, float and double) where nvcc is installed.
 """
 
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import List, Sequence
 
 import pytest
 import torch
@@ -142,10 +144,12 @@ def test_native_on_other_devices_is_a_clear_error(device):
         resolve_epilogue("native", torch.device(device), torch.float32)
 
 
-def run_python(code: str, tmp_path: Path, **env_overrides: str) -> subprocess.CompletedProcess:
-    """``code`` in a fresh interpreter, with a cache folder of its own unless one is given."""
+def run_python(code: str, tmp_path: Path, prefix: Sequence[str] = (),
+               **env_overrides: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (run by the command ``prefix``, when given), with a cache folder of its own
+    unless one is given."""
     env = dict(os.environ, PAPO_KERNELS_CACHE_DIR=str(tmp_path / "cache"), **env_overrides)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPOSITORY, env=env, text=True,
+    return subprocess.run([*prefix, sys.executable, "-c", textwrap.dedent(code)], cwd=REPOSITORY, env=env, text=True,
                           capture_output=True, timeout=300)
 
 
@@ -238,6 +242,43 @@ def test_two_processes_on_a_cold_cache_build_once_and_share_the_library(tmp_path
     assert first == second and first[2] == "True", outputs  # same file, same inode: built once, never replaced
     entry = Path(first[0]).parent
     assert sorted(path.name for path in entry.iterdir()) == ["lock", f"{native_build.LIBRARY_NAME}.so"]
+
+
+# Remounts the folder "$0" read-only in the mount namespace of `unshare --mount`, then runs the command "$@" there.
+READ_ONLY_MOUNT = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+
+
+def read_only(folder: Path) -> List[str]:
+    """A command prefix under which nothing in ``folder`` can be written: for a user its permissions (removed here);
+    for root, whom permissions do not stop, a read-only bind mount in a mount namespace of its own."""
+    if os.geteuid() != 0:
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+        return []
+    prefix = ["unshare", "--mount", "sh", "-c", READ_ONLY_MOUNT, str(folder)]
+    if shutil.which("unshare") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("runs as root, which permissions do not stop, and may not mount a folder read-only here")
+    return prefix
+
+
+def test_a_read_only_cache_loads_the_library_it_holds(native, tmp_path):
+    built = native_build.load()
+    entry = tmp_path / "cache" / "native" / built.parent.name
+    shutil.copytree(built.parent, entry)
+    result = run_python(PAPO_LOSS_TWICE_THEN_NATIVE, tmp_path, prefix=read_only(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines.count("epilogue native") == 3 and "warnings 0" in lines, result.stdout
+
+
+def test_a_read_only_cache_without_the_library_gives_the_torch_epilogue_with_one_warning(native, tmp_path):
+    entry = tmp_path / "cache" / "native" / native_build.load().parent.name
+    entry.mkdir(parents=True)
+    result = run_python(PAPO_LOSS_TWICE_THEN_NATIVE, tmp_path, prefix=read_only(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines.count("epilogue torch") == 3 and "warnings 1" in lines, result.stdout
+    assert f"its cache folder {entry} cannot be written" in result.stdout, result.stdout
 
 
 # One CUDA thread block per row pair calling every function of the header, for both scalar types.

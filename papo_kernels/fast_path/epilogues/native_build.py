@@ -16,6 +16,10 @@ process builds while the others wait on an ``fcntl`` lock of the cache entry (re
 kernel if the builder dies); a build happens in a private folder and its library moves into
 place with an atomic ``os.replace``, so no process ever loads a half-written file. The folder
 of a builder that died is removed by the next holder of the lock.
+
+A cache entry whose lock cannot be opened (a read-only folder or file system, say a cache built
+once and shared) has no builder to wait for: its library loads without the lock, and an entry
+without one is ``NativeUnavailable`` (the torch epilogue runs, with its one warning).
 """
 
 import contextlib
@@ -27,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import IO, Iterator, List, Optional
 
 import torch
 
@@ -102,13 +106,14 @@ def cache_key(compiler: str) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def _exclusive(lock: IO) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on the open file ``lock`` for the duration; the file is closed after."""
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -149,6 +154,14 @@ def _build(entry: Path, compiler: str, ninja_folder: str) -> Path:
     return library
 
 
+def _load_cached(library: Path) -> None:
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as error:
+        raise NativeBuildError(f"the cached native epilogue {library} does not load ({error}); "
+                               f"set {REBUILD_VARIABLE}=1 to rebuild it") from error
+
+
 _loaded: Optional[Path] = None
 
 
@@ -172,16 +185,21 @@ def load() -> Path:
         raise NativeUnavailable(f"its cache folder {entry} cannot be made ({error}); set {CACHE_DIR_VARIABLE} to a "
                                 "writable folder") from error
     library = entry / f"{LIBRARY_NAME}.so"
-    with _exclusive(entry / "lock"):
-        for stale in entry.glob("build-*"):  # left by a builder that died: only the lock's holder builds
-            shutil.rmtree(stale, ignore_errors=True)
-        if library.exists() and os.environ.get(REBUILD_VARIABLE, "0") in ("", "0"):
-            try:
-                torch.ops.load_library(str(library))
-            except OSError as error:
-                raise NativeBuildError(f"the cached native epilogue {library} does not load ({error}); "
-                                       f"set {REBUILD_VARIABLE}=1 to rebuild it") from error
-        else:
-            library = _build(entry, compiler, ninja_dir())
+    rebuild = os.environ.get(REBUILD_VARIABLE, "0") not in ("", "0")
+    try:
+        lock = open(entry / "lock", "a")
+    except OSError as error:  # a read-only cache: nobody builds in it, so its library needs no lock
+        if rebuild or not library.exists():
+            raise NativeUnavailable(f"its cache folder {entry} cannot be written ({error.strerror}), so the library "
+                                    f"cannot be built there; set {CACHE_DIR_VARIABLE} to a writable folder") from error
+        _load_cached(library)
+    else:
+        with _exclusive(lock):
+            for stale in entry.glob("build-*"):  # left by a builder that died: only the lock's holder builds
+                shutil.rmtree(stale, ignore_errors=True)
+            if library.exists() and not rebuild:
+                _load_cached(library)
+            else:
+                library = _build(entry, compiler, ninja_dir())
     _loaded = library
     return library
