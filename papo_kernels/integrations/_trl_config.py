@@ -46,8 +46,9 @@ class PAPOConfig(GRPOConfig):
             be the vision patch size.
         mask_target (`str`, defaults to `"image"`): blacken cells of the raw image and run the image
             processor, or blacken patches of `pixel_values` (`"pixel_values"`, Qwen-VL patch order).
-        gamma_schedule (`str`, defaults to `"fixed"`): `"linear"` anneals gamma (and both eta alike) to
-            `gamma_final` over `gamma_anneal_fraction` of the training steps.
+        gamma_schedule (`str`, defaults to `"fixed"`): `"linear"` anneals gamma (and both eta by the same
+            factor) to `gamma_final` over `gamma_anneal_fraction` of the training steps; it starts from gamma,
+            so it needs gamma != 0 unless gamma_final is 0.
         backend (`str`, defaults to `"auto"`): backend of `papo_loss` and `linear_logprobs`.
     """
 
@@ -132,6 +133,11 @@ class PAPOConfig(GRPOConfig):
                 fail(name, "a finite number")
         if self.gamma_final < 0:
             fail("gamma_final", "a number >= 0")
+        if self.gamma_schedule == "linear" and self.gamma == 0 and self.gamma_final != 0:
+            fail("gamma_schedule", f"'fixed' with gamma=0 and gamma_final={self.gamma_final}: the linear schedule "
+                 "multiplies gamma, eta_clean and eta_masked by (gamma + progress (gamma_final - gamma)) / gamma, "
+                 "a ratio to the starting gamma, so from gamma=0 it never reaches gamma_final; start from a "
+                 "nonzero gamma")
         if not _is_number(self.mask_probability) or not 0 <= self.mask_probability <= 1:
             fail("mask_probability", "a number in [0, 1]")
         if isinstance(self.mask_cell, bool) or not isinstance(self.mask_cell, int) or self.mask_cell < 1:

@@ -71,6 +71,7 @@ def test_linear_gamma_schedule():
     (dict(mask_cell=0), "mask_cell"),
     (dict(gamma_schedule="cosine"), "gamma_schedule"),
     (dict(gamma_anneal_fraction=0.0), "gamma_anneal_fraction"),
+    (dict(gamma=0.0, gamma_final=0.02, gamma_schedule="linear"), "gamma_schedule.*gamma=0 and gamma_final=0.02"),
     (dict(gamma=float("nan")), "gamma"),
     (dict(backend="cuda"), "backend"),
     (dict(masked_gradient=False, perception_kl="exact"), "masked_gradient"),
