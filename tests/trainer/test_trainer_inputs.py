@@ -2,9 +2,11 @@
 ``papo-train: error: ...`` naming it, raised before the work that does not need it."""
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from papo_kernels.train import main
 from papo_kernels.trainer import Trainer
@@ -13,7 +15,7 @@ from papo_kernels.trainer.errors import TrainerInputError
 from papo_kernels.trainer.metrics_log import METRICS_NAME, read_metrics
 
 from cli_helpers import SMALL_FLAGS, cli_error
-from trainer_helpers import small_config
+from trainer_helpers import save_model_folder, small_config
 
 # Checked after the output directory, before the data is read or the model built: an error about it proves the order.
 MISSING_MODEL = ["--model", "/nonexistent/model"]
@@ -98,6 +100,48 @@ def test_a_model_folder_with_a_broken_config(tmp_path, capsys):
     (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2_vl", ')
     message = cli_error(capsys, ["--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "run")])
     assert message.startswith("--model: ") and "config.json" in message and "not a valid JSON file" in message, message
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    return save_model_folder(tmp_path_factory.mktemp("model") / "qwen2_vl", "qwen2_vl")
+
+
+def drop_a_tensor(folder):
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.0.mlp.down_proj.weight"]  # saved under Qwen2-VL's original names
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def truncate_the_weights(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def remove(*names):
+    def remove_files(folder):
+        for name in names:
+            (folder / name).unlink()
+    return remove_files
+
+
+@pytest.mark.parametrize("damage, message", [
+    (remove("model.safetensors"), "cannot load the weights (no weight file) of {folder} (OSError: Error no file "
+                                  "named model.safetensors"),
+    (truncate_the_weights, "cannot load the weights (model.safetensors) of {folder} (SafetensorError: "),
+    (drop_a_tensor, "the weights of {folder} (model.safetensors) do not fit the model of its config.json: 1 tensor(s) "
+                    "of the model are missing (e.g. ['model.language_model.layers.0.mlp.down_proj.weight'])"),
+    (remove("tokenizer.json", "tokenizer_config.json"), "the tokenizer of {folder} gives the image token "
+                                                        "'<|image_pad|>' the id 0, the model expects 5; "),
+    (remove("preprocessor_config.json"), "cannot load the image processor (preprocessor_config.json) of {folder} "
+                                         "(OSError: "),
+], ids=["no-weights", "truncated-weights", "a-tensor-missing", "no-tokenizer", "no-image-processor"])
+def test_a_model_folder_with_a_missing_or_damaged_part(model_folder, tmp_path, capsys, damage, message):
+    folder = shutil.copytree(model_folder, tmp_path / "model")
+    damage(folder)
+    got = cli_error(capsys, ["--model", str(folder), "--output-dir", str(tmp_path / "run")])
+    assert got.startswith("--model: " + message.format(folder=folder)), got
+    assert not (tmp_path / "run" / METRICS_NAME).exists()
 
 
 @pytest.mark.parametrize("argv, message", [
