@@ -4,12 +4,15 @@ A run is one (arm, seed): its folder holds ``config.yaml`` (the full ``TrainerCo
 ``train.log`` (the trainer's output), ``metrics.jsonl`` and, once it has trained every
 step, ``done.json`` (its wall time). A run with ``done.json`` and the same config is not
 trained again, so a suite can be extended (more seeds, arms) or re-reported; a run is
-never stopped before its last step.
+never stopped before its last step. Any other run trains from the start in a fresh folder:
+what an earlier attempt left there (a checkpoint, over which ``papo-train`` refuses to
+start a new run, its metrics) is removed first; the folder is the runner's own.
 """
 
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,8 +68,9 @@ def plan_runs(suite: Suite, arms: Sequence[Arm], seeds: Sequence[int], runs_dir:
 
 
 def _start(run: Run) -> subprocess.Popen:
-    run.folder.mkdir(parents=True, exist_ok=True)
-    (run.folder / DONE_NAME).unlink(missing_ok=True)
+    if run.folder.exists():
+        shutil.rmtree(run.folder)
+    run.folder.mkdir(parents=True)
     (run.folder / CONFIG_NAME).write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False))
     log = open(run.folder / LOG_NAME, "w", encoding="utf-8")
     # One thread per process (the config's num_threads); OMP_NUM_THREADS keeps the libraries' pools alike.

@@ -7,8 +7,12 @@ import json
 import pytest
 
 from experiments.__main__ import main
+from experiments.arms import SUITES
 from experiments.measures import prepare_records, run_measures
+from experiments.runner import DONE_NAME, plan_runs, train_runs
 from experiments.stats import mean_and_se, paired_comparison
+from papo_kernels.trainer.checkpoint import load_checkpoint
+from papo_kernels.trainer.metrics_log import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,6 +55,19 @@ def test_smoke_suite_writes_runs_curves_plots_and_report(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     assert "started" not in capsys.readouterr().out
+
+
+def test_a_run_an_earlier_attempt_left_unfinished_trains_from_the_start(tmp_path):
+    suite = SUITES["smoke"]
+    [run] = plan_runs(suite, [suite.arm("dapo")], [0], tmp_path / "runs", {"steps": 1, "eval_every": 0})
+    run.folder.mkdir(parents=True)
+    (run.folder / "checkpoint.pt").write_bytes(b"the checkpoint of an attempt killed before its last step")
+    (run.folder / "metrics.jsonl").write_text('{"step": 0, "reward": 0.5}\n')
+    messages = []
+    assert train_runs([run], workers=1, echo=messages.append) == [], messages
+    assert (run.folder / DONE_NAME).is_file()
+    assert load_checkpoint(run.folder)["next_step"] == 1
+    assert [record["step"] for record in read_metrics(run.folder)] == [0]
 
 
 def test_bad_arguments_name_the_flag(capsys):

@@ -26,6 +26,7 @@ import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -70,7 +71,8 @@ class Trainer:
     """Builds the model, data, optimizer and (when resuming) their saved state; ``train()`` runs the steps.
 
     Everything the user gives (config, output directory, checkpoint and resume request, data)
-    is checked before the model is built; a problem is a ``TrainerInputError`` naming it.
+    is checked before the model is built; a problem is a ``TrainerInputError`` naming it. A new
+    run (no ``resume``) is refused where an earlier run left a checkpoint.
     """
 
     def __init__(self, config: TrainerConfig, resume: bool = False, accelerator: Optional[Accelerator] = None):
@@ -105,6 +107,11 @@ class Trainer:
             checkpoint = load_checkpoint(config.output_dir)
             check_resume(checkpoint, config, world)
             self.start_step = checkpoint["next_step"]
+        elif (Path(config.output_dir) / CHECKPOINT_NAME).exists():
+            # A new run would rewrite metrics.jsonl at once but the old checkpoint only at its first save.
+            raise TrainerInputError(f"output_dir: {config.output_dir} holds the checkpoint of an earlier run; pass "
+                                    "--resume to continue it, or choose another --output-dir (or remove that folder) "
+                                    "to start a new run")
         # Read (and check) the metrics of the steps kept; the file is rewritten when train() starts.
         self.metrics_log = MetricsLog(config.output_dir, self.start_step) if self.accelerator.is_main_process \
             else None

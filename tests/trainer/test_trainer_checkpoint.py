@@ -1,4 +1,5 @@
-"""Checkpoints: resuming gives the steps of an uninterrupted run, and a kill while saving loses nothing."""
+"""Checkpoints: resuming gives the steps of an uninterrupted run, a kill while saving loses nothing, and a new run
+cannot start over an earlier run's checkpoint."""
 
 import pytest
 import torch
@@ -58,6 +59,17 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     loaded = checkpoint.load_checkpoint(tmp_path)
     assert loaded["next_step"] == 5 and torch.equal(loaded["model"]["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"], "no temporary file is left behind"
+
+
+def test_a_new_run_over_an_earlier_checkpoint_is_refused_and_loses_nothing(tmp_path):
+    Trainer(small_config(tmp_path, steps=1)).train()
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(TrainerInputError) as refusal:
+        Trainer(small_config(tmp_path, steps=1, learning_rate=1e-2))
+    assert str(refusal.value) == (f"output_dir: {tmp_path} holds the checkpoint of an earlier run; pass --resume to "
+                                  "continue it, or choose another --output-dir (or remove that folder) to start a new "
+                                  "run")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):

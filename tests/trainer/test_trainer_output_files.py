@@ -87,6 +87,8 @@ def test_a_damaged_line_before_the_last_is_an_error_naming_file_and_line(run_dir
 
 
 def test_a_fresh_run_does_not_read_the_metrics_it_replaces(run_dir):
+    # The folder of a run killed before its first checkpoint: nothing to resume, so a new run may replace its metrics.
+    (run_dir / CHECKPOINT_NAME).unlink()
     (run_dir / METRICS_NAME).write_bytes(b"not json\n")
     Trainer(small_config(run_dir, steps=1)).train()
     assert [record["step"] for record in read_metrics(run_dir)] == [0]
