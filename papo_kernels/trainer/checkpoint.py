@@ -25,18 +25,26 @@ CHECKPOINT_NAME = "checkpoint.pt"
 PAYLOAD_KEYS = ("model", "optimizer", "scheduler", "next_step", "rng_states", "config", "vocabulary")
 
 
-def rng_state() -> Dict[str, Any]:
-    """The state of every random generator a step draws from (Python, NumPy, torch), as plain values and tensors."""
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """The state of every random generator a step draws from (Python, NumPy, torch's CPU one and, for a CUDA
+    ``device``, that device's, which sampling on it draws from), as plain values and tensors."""
     name, key, position, has_gauss, cached_gaussian = np.random.get_state()
     numpy_state = (name, key.tolist(), position, has_gauss, cached_gaussian)
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    """Restore ``rng_state``'s generators; the CUDA one when the state has it and ``device`` is a CUDA device (a
+    run saved on one kind of device and resumed on the other keeps the generators both have)."""
     random.setstate(state["python"])
     name, key, position, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state((name, np.array(key, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(output_dir, *, model_state: Dict[str, torch.Tensor], optimizer_state: Dict[str, Any],

@@ -200,7 +200,7 @@ class Trainer:
     # Checkpoints.
 
     def save(self, next_step: int) -> None:
-        rng_states = gather_object([rng_state()])
+        rng_states = gather_object([rng_state(self.accelerator.device)])
         model_state, optimizer_state = full_state(self.model, self.optimizer)
         if self.accelerator.is_main_process:
             scaler = self.accelerator.scaler
@@ -230,7 +230,7 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.accelerator.scaler is not None and checkpoint.get("scaler") is not None:
             self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng_states"][self.accelerator.process_index])
+        set_rng_state(checkpoint["rng_states"][self.accelerator.process_index], self.accelerator.device)
 
     # One step.
 

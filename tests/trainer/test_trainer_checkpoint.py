@@ -1,6 +1,9 @@
-"""Checkpoints: resuming gives the steps of an uninterrupted run, a kill while saving loses nothing, and a new run
-cannot start over an earlier run's checkpoint."""
+"""Checkpoints: resuming gives the steps of an uninterrupted run, the random generators (a CUDA device's included)
+come back, a kill while saving loses nothing, and a new run cannot start over an earlier run's checkpoint."""
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +43,42 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert [r["step"] for r in read_metrics(tmp_path / "split")] == [0, 1, 2, 3]
+
+
+def draws(device):
+    return random.random(), np.random.rand(), torch.rand(3, device=device).tolist()
+
+
+def test_the_random_state_of_a_cpu_run_round_trips_without_cuda():
+    cpu = torch.device("cpu")
+    state = checkpoint.rng_state(cpu)
+    assert "cuda" not in state
+    expected = draws(cpu)
+    checkpoint.set_rng_state(state, cpu)
+    assert draws(cpu) == expected
+
+
+def test_the_generator_of_the_run_s_cuda_device_is_saved_and_restored(monkeypatch):
+    # CPU stand-ins for torch.cuda's calls: what is saved for the run's device goes back to that device.
+    device, device_state = torch.device("cuda", 1), torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda where: device_state if where == device else None)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, where: restored.append((state, where)))
+    state = checkpoint.rng_state(device)
+    assert state["cuda"] is device_state
+    checkpoint.set_rng_state(state, device)
+    assert restored == [(device_state, device)]
+    checkpoint.set_rng_state(state, torch.device("cpu"))  # resumed on a CPU: no CUDA generator to restore
+    assert len(restored) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_generator_round_trips():
+    device = torch.device("cuda", torch.cuda.current_device())
+    state = checkpoint.rng_state(device)
+    expected = draws(device)
+    checkpoint.set_rng_state(state, device)
+    assert draws(device) == expected
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
