@@ -117,7 +117,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     ppo_epochs: int = 1
-    minibatches: int = 1  # optimizer steps per epoch; each covers 1/minibatches of the responses
+    minibatches: int = 1  # optimizer steps per epoch over parts of the responses whose sizes differ by at most one
     micro_batch_size: int = 128  # responses per forward (gradient accumulation inside a minibatch)
     # Logging and checkpoints.
     eval_every: int = 50  # greedy accuracy on eval_prompts held-out prompts; 0 is off

@@ -304,7 +304,9 @@ class Trainer:
             masked_logprobs = response_logprobs(self.hidden_states, rollout, config.temperature,
                                                 config.micro_batch_size, masked=True)
 
-        minibatches = torch.arange(len(rollout), device=advantages.device).chunk(config.minibatches)
+        # tensor_split, not chunk: exactly `minibatches` parts whose sizes differ by at most one (chunk gives 6 of 16
+        # responses in 7 parts); __init__ refuses more minibatches than responses.
+        minibatches = torch.arange(len(rollout), device=advantages.device).tensor_split(config.minibatches)
         # Response tokens of each minibatch over all processes; DDP averages gradients, so divide by the processes.
         local_tokens = torch.stack([rollout.completion_mask[index].sum() for index in minibatches]).float()
         normalisers = accelerator.reduce(local_tokens, "sum") / world

@@ -148,3 +148,22 @@ def test_a_minibatch_whose_groups_were_all_dropped_takes_no_step(tmp_path):
                                                      one_minibatch.model.parameters()):
         torch.testing.assert_close(parameter.grad, expected_parameter.grad, rtol=1e-4, atol=1e-6 * scale,
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_minibatches_that_do_not_divide_the_responses_differ_by_at_most_one(tmp_path):
+    """16 responses in 7 minibatches: 7 optimizer steps on 3, 3, 2, 2, 2, 2 and 2 responses, each response once."""
+    trainer = Trainer(small_config(tmp_path, minibatches=7, max_grad_norm=1e9))
+    rollout, _ = trainer.make_rollout(0)
+    assert len(rollout) == 16
+    trained = []
+    micro_batch_loss = trainer.micro_batch_loss
+
+    def recording(rollout, index, *args):
+        trained.append(index.tolist())
+        return micro_batch_loss(rollout, index, *args)
+
+    trainer.micro_batch_loss = recording
+    trainer.update(rollout, torch.linspace(-1.0, 1.0, len(rollout)), step=0)
+    assert [len(index) for index in trained] == [3, 3, 2, 2, 2, 2, 2]
+    assert sum(trained, []) == list(range(16))
+    assert trainer.optimizer.state_dict()["state"][0]["step"] == 7
