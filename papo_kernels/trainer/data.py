@@ -38,6 +38,7 @@ MAJORITY_SHARE = 0.7  # the frequency of MAJORITY_COLOR in the skewed tasks
 DIM_BRIGHTNESS = 0.5  # the small targets' colour, as a fraction of the full one
 TARGET_CELL = 14  # a small target lies inside one cell of this grid (the vision patch, the default mask cell)
 SMALL_SIDES = (4, 7)  # side range of a small target, pixels
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor (smart_resize) refuses a longer side over 200 times the shorter
 
 COLOR_QUESTION = "what color is the square ?"
 QUESTIONS = {
@@ -198,8 +199,9 @@ class JsonlDataset:
     """Prompts from a JSONL file, one object per line: ``{"image": path, "question": str, "answer": str}``.
 
     Relative image paths are resolved against the JSONL file's folder. Every image is
-    opened when the file loads (its header, which names a known image format), so a path
-    that is no image fails before any training; the pixels are decoded lazily, when a
+    opened when the file loads (its header, which names a known image format and the size),
+    so a path that is no image, or an image whose longer side is more than
+    ``MAX_ASPECT_RATIO`` times its shorter, fails before any training; the pixels are decoded lazily, when a
     step samples the prompt, and a file that fails to decode then is an error naming its
     line before that step does any work. A step's prompts are a seeded sample that
     depends only on (seed, step).
@@ -252,11 +254,15 @@ class JsonlDataset:
         if not image_path.is_file():
             raise TrainerInputError(f"--data: {where}: image file not found: {image_path}")
         try:
-            with Image.open(image_path):  # reads the header only
-                pass
+            with Image.open(image_path) as image:  # reads the header only
+                width, height = image.size
         except (OSError, Image.DecompressionBombError) as error:
             raise TrainerInputError(f"--data: {where}: {image_path} is not an image PIL can read ({error})") \
                 from None
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise TrainerInputError(f"--data: {where}: the image {image_path} is {width} x {height} pixels; Qwen2-VL's "
+                                    f"image processor takes a longer side of at most {MAX_ASPECT_RATIO} times the "
+                                    "shorter")
         return {"image": image_path, "question": record["question"], "answer": record["answer"], "line": number}
 
     def __len__(self) -> int:

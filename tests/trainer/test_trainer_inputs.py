@@ -13,6 +13,7 @@ from papo_kernels.trainer import Trainer
 from papo_kernels.trainer.data import JsonlDataset
 from papo_kernels.trainer.errors import TrainerInputError
 from papo_kernels.trainer.metrics_log import METRICS_NAME, read_metrics
+from papo_kernels.trainer.tiny_model import build_processor
 
 from cli_helpers import SMALL_FLAGS, cli_error
 from trainer_helpers import save_model_folder, small_config
@@ -58,6 +59,24 @@ def test_a_jsonl_image_that_is_no_image_fails_when_the_data_loads(tmp_path, caps
     message = cli_error(capsys, ["--data", str(data), "--output-dir", str(tmp_path / "run")] + MISSING_MODEL)
     assert message.startswith(f"--data: {data}, line 2: {tmp_path / 'bad.png'} is not an image PIL can read ("), \
         message
+
+
+@pytest.mark.parametrize("size", [(56, 11201), (11201, 56)], ids=["tall", "wide"])
+def test_a_jsonl_image_too_long_for_the_image_processor_fails_when_the_data_loads(tmp_path, capsys, size):
+    red_png(tmp_path / "red.png")
+    Image.new("RGB", size).save(tmp_path / "long.png")
+    data = write_jsonl(tmp_path, ["red.png", "long.png"])
+    message = cli_error(capsys, ["--data", str(data), "--output-dir", str(tmp_path / "run")] + MISSING_MODEL)
+    assert message == (f"--data: {data}, line 2: the image {tmp_path / 'long.png'} is {size[0]} x {size[1]} pixels; "
+                       "Qwen2-VL's image processor takes a longer side of at most 200 times the shorter")
+
+
+def test_a_jsonl_image_of_aspect_ratio_200_loads_and_the_image_processor_takes_it(tmp_path):
+    image = Image.new("RGB", (11200, 56))
+    image.save(tmp_path / "long.png")
+    JsonlDataset(write_jsonl(tmp_path, ["long.png"]), seed=0)
+    grid = build_processor(["red"], 56).image_processor(image, return_tensors="pt")["image_grid_thw"]
+    assert grid.prod() > 0
 
 
 def test_a_jsonl_image_path_that_is_a_folder(tmp_path, capsys):
