@@ -106,7 +106,7 @@ class TrainerConfig:
     perception_kl: Optional[str] = None
     entropy: str = "exact"
     masked_gradient: bool = True  # False: the authors' masked log-probs without gradient
-    gamma_schedule: str = "fixed"  # "linear": gamma (and the entropy coefficients alike) goes to gamma_final
+    gamma_schedule: str = "fixed"  # "linear": gamma (and the entropy coefficients alike) goes to gamma_final (from a nonzero gamma)
     gamma_final: float = 0.0
     gamma_anneal_fraction: float = 1.0  # over this fraction of the steps, then stays at gamma_final
     # Optimisation.
@@ -205,6 +205,10 @@ class TrainerConfig:
                      "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false")
+        if self.gamma_schedule == "linear" and self.loss_kwargs()["gamma"] == 0 and self.gamma_final != 0:
+            fail("gamma_final", "0 with gamma 0 (the linear schedule multiplies gamma, eta_clean and eta_masked by "
+                 "gamma_t / gamma, a ratio to the starting gamma, so from gamma 0 it never reaches gamma_final); "
+                 "start from a nonzero gamma")
         if not self.masked_gradient and self.loss_kwargs()["perception_kl"] == "exact":
             fail("masked_gradient", "true with perception_kl 'exact' (the exact KL needs the masked pass's "
                  "hidden states)")

@@ -4,6 +4,7 @@ import pytest
 
 from papo_kernels import PRESETS
 from papo_kernels.trainer import TrainerConfig
+from papo_kernels.trainer.errors import TrainerInputError
 
 
 def test_loss_kwargs_are_the_preset_with_overrides():
@@ -20,6 +21,14 @@ def test_gamma_schedule():
     # gamma goes 0.02 -> 0.005 over the first 50 steps, then stays; the factor is gamma_t / gamma_0.
     assert [round(linear.coefficient_scale(s), 6) for s in (0, 25, 50, 90)] == [1.0, 0.625, 0.25, 0.25]
     assert TrainerConfig(preset="dapo", gamma_schedule="linear").coefficient_scale(10) == 1.0
+
+
+@pytest.mark.parametrize("overrides", [dict(preset="dapo"), dict(preset="papo_d", gamma=0.0)])
+def test_a_linear_schedule_from_gamma_zero_to_a_nonzero_gamma_final_is_refused(overrides):
+    """The schedule is a ratio to the starting gamma: from 0 it would stay at 0 whatever gamma_final says."""
+    config = TrainerConfig(gamma_schedule="linear", gamma_final=0.02, **overrides)
+    with pytest.raises(TrainerInputError, match="config field 'gamma_final': got 0.02, expected 0 with gamma 0"):
+        config.validate()
 
 
 def test_trainer_scales_gamma_and_both_entropies(small_trainer):
