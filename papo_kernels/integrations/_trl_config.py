@@ -23,7 +23,8 @@ class PAPOConfig(GRPOConfig):
 
     The defaults are PAPO-D's published setting in full (arXiv 2507.06448), GRPO fields
     included: ``epsilon=0.2``, ``epsilon_high=0.28``, ``delta=3.0`` (the dual clip), ``beta=0.0``,
-    ``loss_type="dapo"``, ``use_bias_correction_kl=False``, ``gamma=0.01``, ``eta_clean=eta_masked=0.03``, ``perception_kl="k3"``.
+    ``loss_type="dapo"``, ``use_bias_correction_kl=False``, ``gamma=0.01``, ``eta_clean=eta_masked=0.03``,
+    ``perception_kl="k3"``.
     ``PAPOConfig.from_preset(name, **overrides)`` sets any of ``papo_kernels.PRESETS`` the same way
     (``papo_g`` sets ``beta=0.01``, which loads a reference model).
 

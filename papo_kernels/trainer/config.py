@@ -106,7 +106,8 @@ class TrainerConfig:
     perception_kl: Optional[str] = None
     entropy: str = "exact"
     masked_gradient: bool = True  # False: the authors' masked log-probs without gradient
-    gamma_schedule: str = "fixed"  # "linear": gamma (and the entropy coefficients alike) goes to gamma_final (from a nonzero gamma)
+    # "linear": gamma (and the entropy coefficients alike) goes from a nonzero gamma to gamma_final
+    gamma_schedule: str = "fixed"
     gamma_final: float = 0.0
     gamma_anneal_fraction: float = 1.0  # over this fraction of the steps, then stays at gamma_final
     # Optimisation.
