@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of TrainerConfig fields")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    parser.add_argument("--overwrite-output-dir", action="store_true",
+                        help="start a new run where OUTPUT_DIR holds an earlier run's checkpoint (deleted first)")
     fields = {field.name: field for field in dataclasses.fields(TrainerConfig)}
     for name in FLAG_FIELDS:
         flag, kind = "--" + name.replace("_", "-"), _flag_type(fields[name])
@@ -130,7 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_trainer_warnings(parser.prog)
             config = build_config(args)
-            trainer = Trainer(config, resume=getattr(args, "resume", False))
+            trainer = Trainer(config, resume=getattr(args, "resume", False),
+                              overwrite_output_dir=getattr(args, "overwrite_output_dir", False))
             start = time.perf_counter()
             records = trainer.train()
     except TrainerInputError as error:

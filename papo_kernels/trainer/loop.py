@@ -72,10 +72,12 @@ class Trainer:
 
     Everything the user gives (config, output directory, checkpoint and resume request, data)
     is checked before the model is built; a problem is a ``TrainerInputError`` naming it. A new
-    run (no ``resume``) is refused where an earlier run left a checkpoint.
+    run (no ``resume``) is refused where an earlier run left a checkpoint, unless
+    ``overwrite_output_dir`` deletes it.
     """
 
-    def __init__(self, config: TrainerConfig, resume: bool = False, accelerator: Optional[Accelerator] = None):
+    def __init__(self, config: TrainerConfig, resume: bool = False, accelerator: Optional[Accelerator] = None,
+                 overwrite_output_dir: bool = False):
         self.config = config.validate()
         # The config decides; `accelerate launch --mixed_precision` asking for another one is refused, not ignored.
         launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -103,15 +105,21 @@ class Trainer:
             remove_orphans(config.output_dir, (CHECKPOINT_NAME, METRICS_NAME))
         checkpoint = None
         self.start_step = 0
+        checkpoint_path = Path(config.output_dir) / CHECKPOINT_NAME
+        if resume and overwrite_output_dir:
+            raise TrainerInputError("--overwrite-output-dir starts a new run; it cannot be given with --resume")
         if resume:
             checkpoint = load_checkpoint(config.output_dir)
             check_resume(checkpoint, config, world)
             self.start_step = checkpoint["next_step"]
-        elif (Path(config.output_dir) / CHECKPOINT_NAME).exists():
+        elif checkpoint_path.exists() and not overwrite_output_dir:
             # A new run would rewrite metrics.jsonl at once but the old checkpoint only at its first save.
             raise TrainerInputError(f"output_dir: {config.output_dir} holds the checkpoint of an earlier run; pass "
-                                    "--resume to continue it, or choose another --output-dir (or remove that folder) "
-                                    "to start a new run")
+                                    "--resume to continue it, or --overwrite-output-dir to start a new run there (or "
+                                    "choose another --output-dir)")
+        elif checkpoint_path.exists() and self.accelerator.is_main_process:
+            # Deleted before metrics.jsonl is rewritten: a kill in between leaves no checkpoint to resume wrongly.
+            checkpoint_path.unlink()
         # Read (and check) the metrics of the steps kept; the file is rewritten when train() starts.
         self.metrics_log = MetricsLog(config.output_dir, self.start_step) if self.accelerator.is_main_process \
             else None

@@ -106,9 +106,21 @@ def test_a_new_run_over_an_earlier_checkpoint_is_refused_and_loses_nothing(tmp_p
     with pytest.raises(TrainerInputError) as refusal:
         Trainer(small_config(tmp_path, steps=1, learning_rate=1e-2))
     assert str(refusal.value) == (f"output_dir: {tmp_path} holds the checkpoint of an earlier run; pass --resume to "
-                                  "continue it, or choose another --output-dir (or remove that folder) to start a new "
-                                  "run")
+                                  "continue it, or --overwrite-output-dir to start a new run there (or choose another "
+                                  "--output-dir)")
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files
+
+
+def test_overwrite_output_dir_starts_a_new_run_over_an_earlier_checkpoint(tmp_path):
+    Trainer(small_config(tmp_path, steps=2)).train()
+    new_run = Trainer(small_config(tmp_path, steps=1, learning_rate=1e-2), overwrite_output_dir=True)
+    assert not (tmp_path / "checkpoint.pt").exists(), "deleted before the new run writes its first record"
+    new_run.train()
+    assert [record["step"] for record in read_metrics(tmp_path)] == [0], "only the new run's records"
+    saved = checkpoint.load_checkpoint(tmp_path)
+    assert (saved["next_step"], saved["config"]["learning_rate"]) == (1, 1e-2)
+    with pytest.raises(TrainerInputError, match="cannot be given with --resume"):
+        Trainer(small_config(tmp_path, steps=1), resume=True, overwrite_output_dir=True)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):

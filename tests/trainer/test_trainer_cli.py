@@ -8,6 +8,8 @@ from papo_kernels.train import main
 from papo_kernels.trainer.data import synthetic_words
 from papo_kernels.trainer.tiny_model import build_model, build_processor
 
+from cli_helpers import cli_error
+
 SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "3", "--num-threads", "1"]
 
 
@@ -31,6 +33,12 @@ def test_default_run_writes_metrics_plot_and_checkpoint_then_resumes(tmp_path, c
 
     assert main(["--output-dir", str(out), "--resume", "--steps", "4"]) == 0
     assert [r["step"] for r in read_lines(out / "metrics.jsonl")] == [0, 1, 2, 3]
+
+    # Again without --resume: refused (the command's second run), then a new run with --overwrite-output-dir.
+    again = ["--output-dir", str(out), "--steps", "1", "--eval-every", "0"] + SMALL
+    assert "--overwrite-output-dir" in cli_error(capsys, again)
+    assert main(again + ["--overwrite-output-dir"]) == 0
+    assert [r["step"] for r in read_lines(out / "metrics.jsonl")] == [0]
 
 
 def test_local_model_folder_and_jsonl_data(tmp_path):
