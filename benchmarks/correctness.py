@@ -390,9 +390,10 @@ class Checker:
         release(self.device)
 
     def run(self, progress: Callable[[List[Dict[str, object]]], None] = lambda rows: None) -> List[Dict[str, object]]:
-        """Every case and dtype; ``progress`` gets the rows so far after each."""
-        for case_index, case in enumerate(self.cases):
-            for dtype_index, dtype in enumerate(self.dtypes):
+        """Every case in the first dtype, then in the next (bf16 first: a time limit cuts the others);
+        ``progress`` gets the rows so far after each."""
+        for dtype_index, dtype in enumerate(self.dtypes):
+            for case_index, case in enumerate(self.cases):
                 self.log(f"{case.label}, {dtype}")
                 self.run_case(case, dtype, seed=100 * case_index + dtype_index)
                 progress(self.rows)

@@ -1,28 +1,30 @@
-"""One command for a session with a GPU: correctness of every GPU path, where the fast path's time goes,
-and the speed and memory of every path and peer, in one process.
+"""One command for a session with a GPU: correctness of every GPU path, the speed and memory of every path
+and peer, and where the fast path's time goes, in one process and one device call.
 
     python -m benchmarks.gpu_check --out $OUT                  # all parts
     python -m benchmarks.gpu_check --out $OUT --part check     # environment, correctness, stages
     python -m benchmarks.gpu_check --out $OUT --part sweep     # environment, the sweep with the peers
     python -m benchmarks.gpu_check --cpu --tiny --out DIR      # all parts at a tiny size on the CPU (CI)
 
-Parts (benchmarks/NOTES.md, "GPU"):
+Parts, in the order they run (benchmarks/NOTES.md, "GPU"):
 
 1. environment: versions, the device, the peers' imports, ``out_dtype`` support, and the two
    ceilings measured here (bf16 matrix-product rate, copy bandwidth);
-2. correctness (``correctness.py``): every GPU path in bf16, fp16 and fp32 at the Qwen2.5-VL
-   heads against the float64 reference, the error-budget rule, a PASS/FAIL row per quantity;
-3. stages (``stages.py``): the fast path at D = 3584, V = 152064, N = 16384, bf16, stage by
-   stage, for workspace budgets of 256 MiB to 2 GiB;
-4. sweep (``run.py``): papo_loss forward + backward and the forward-only log-probs of every
-   implementation and peer, both logit distributions at the headline shape, against the
-   same-run matrix-product rate.
+2. correctness (``correctness.py``): every GPU path in bf16, then fp16, then fp32, at the
+   Qwen2.5-VL heads against the float64 reference, the error-budget rule, a PASS/FAIL row per
+   quantity;
+3. sweep (``run.py``): papo_loss forward + backward and the forward-only log-probs of every
+   implementation and peer, both logit distributions at the headline shape first, against the
+   same-run matrix-product rate;
+4. stages (``stages.py``): the fast path at D = 3584, V = 152064, N = 16384, bf16, stage by
+   stage, for workspace budgets of 256 MiB to 2 GiB.
 
 Files under ``--out`` (at most 7: the device tool brings back 8, each under 16 MiB):
 ``summary.md``, ``correctness.csv``, ``stages.csv``, the sweep's ``<device>.csv``, ``.md``
 and ``.png``; a teed log makes the 7th. A time limit (``--time-limit-s``, 540 s by default,
 inside the tool's 600 s) stops starting new work a minute before it and still writes every
-file. The summary is printed last.
+file; each part may start work only within its share of it (``PART_SHARES``). The summary is
+printed last.
 """
 
 import argparse
@@ -40,8 +42,12 @@ import torch
 from . import correctness, environment, run, stages
 from .implementations import Shape, implementations
 
-PARTS = {"all": ("correctness", "stages", "sweep"), "check": ("correctness", "stages"), "sweep": ("sweep",),
+PARTS = {"all": ("correctness", "sweep", "stages"), "check": ("correctness", "stages"), "sweep": ("sweep",),
          "correctness": ("correctness",), "stages": ("stages",)}
+# Each part's share of the time limit: a part may start new work until its share of what is left runs out, and
+# time a part leaves unused passes to the parts after it. One device call holds all three (a task's device time
+# is 15 minutes, a machine's start included), so no part can starve the headline sweep.
+PART_SHARES = {"correctness": 3, "sweep": 4, "stages": 2}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PAIRS = (("papo_loss", "full"), ("logprobs", "forward"))
 HEADS = {"Qwen2.5-VL-3B": (2048, 151936), "Qwen2.5-VL-7B": (3584, 152064)}
@@ -212,6 +218,12 @@ def sweep_part(context: Context) -> List[str]:
 PART_RUNS = {"correctness": correctness_part, "stages": stages_part, "sweep": sweep_part}
 
 
+def part_deadline(now: float, deadline: float, remaining_parts: Sequence[str]) -> float:
+    """When the first of ``remaining_parts`` must stop starting new work: its share of the time left."""
+    shares = [PART_SHARES[part] for part in remaining_parts]
+    return now + max(deadline - now, 0.0) * shares[0] / sum(shares)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     started = time.monotonic()
     args = parse_args(argv)
@@ -232,8 +244,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     summary += environment_section(device, ceiling_lines)
     log("\n".join(summary))
 
-    context = Context(args, device, started + max(args.time_limit_s - RESERVE_S, 0.0), ceilings)
-    for part in parts:
+    deadline = started + max(args.time_limit_s - RESERVE_S, 0.0)
+    for index, part in enumerate(parts):
+        context = Context(args, device, part_deadline(time.monotonic(), deadline, parts[index:]), ceilings)
         try:
             summary += PART_RUNS[part](context)
         except Exception as error:  # a part that breaks is reported; the others still run and the files are written

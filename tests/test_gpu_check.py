@@ -108,6 +108,19 @@ def test_sweep_has_both_distributions_and_the_fast_path(tiny_run):
     assert "All " in (out / "summary.md").read_text()
 
 
+def test_each_part_gets_its_share_of_the_time_left():
+    parts = gpu_check.PARTS["all"]
+    assert parts.index("sweep") < parts.index("stages")  # the headline sweep is not left to what stages leave
+    total = sum(gpu_check.PART_SHARES[part] for part in parts)
+    first = gpu_check.part_deadline(100.0, 100.0 + total, parts)
+    assert first == pytest.approx(100.0 + gpu_check.PART_SHARES[parts[0]])
+    # a part that finishes early hands its unused time to the parts after it
+    early = gpu_check.part_deadline(101.0, 100.0 + total, parts[1:])
+    rest = gpu_check.PART_SHARES[parts[1]] + gpu_check.PART_SHARES[parts[2]]
+    assert early == pytest.approx(101.0 + (total - 1.0) * gpu_check.PART_SHARES[parts[1]] / rest)
+    assert gpu_check.part_deadline(200.0, 100.0 + total, parts[2:]) == 200.0  # past the limit: no new work
+
+
 def test_cpu_mode_needs_tiny(capsys):
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main(["--cpu", "--out", "unused"])
