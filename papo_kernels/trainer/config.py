@@ -164,6 +164,10 @@ class TrainerConfig:
             fail("group_size", "an integer >= 2 (group-relative advantages need at least two responses)")
         if self.image_size < MIN_IMAGE_SIZE:
             fail("image_size", f"an integer >= {MIN_IMAGE_SIZE} (one 2 x 2 block of 14-pixel vision patches)")
+        if self.torch_dtype == "float16":
+            fail("torch_dtype", "'float32' or 'bfloat16': AdamW on float16 weights writes inf and NaN (its eps 1e-8 "
+                 "and small squared gradients underflow to 0 in float16); for float16 compute use torch_dtype "
+                 "'float32' with mixed_precision 'fp16'")
         choices = {"preset": tuple(PRESETS), "answer_format": ANSWER_FORMATS, "mask_target": MASK_TARGETS,
                    "entropy": ENTROPY_MODES, "gamma_schedule": GAMMA_SCHEDULES, "lr_schedule": LR_SCHEDULES,
                    "torch_dtype": tuple(TORCH_DTYPES), "mixed_precision": MIXED_PRECISIONS,
@@ -171,10 +175,6 @@ class TrainerConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {list(allowed)}")
-        if self.torch_dtype == "float16":
-            fail("torch_dtype", "'float32' or 'bfloat16': AdamW on float16 weights writes inf and NaN (its eps 1e-8 "
-                 "and small squared gradients underflow to 0 in float16); for float16 compute use torch_dtype "
-                 "'float32' with mixed_precision 'fp16'")
         if self.mixed_precision != "no" and self.torch_dtype != "float32":
             fail("mixed_precision", f"'no' with torch_dtype {self.torch_dtype!r} (mixed precision computes in half "
                  "precision over float32 weights; give torch_dtype 'float32' to use it)")

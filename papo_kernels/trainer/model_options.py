@@ -14,7 +14,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from .errors import TrainerInputError
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # float16: TrainerConfig says why not
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 

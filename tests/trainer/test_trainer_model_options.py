@@ -6,6 +6,7 @@ import torch
 
 from papo_kernels.train import main
 from papo_kernels.trainer import Trainer, TrainerConfig
+from papo_kernels.trainer import model_options
 from papo_kernels.trainer.errors import TrainerInputError
 from papo_kernels.trainer.model_options import flash_attention_importable, resolve_attn_implementation
 
@@ -14,8 +15,7 @@ from trainer_helpers import save_model_folder, small_config
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("torch_dtype", "float64", "config field 'torch_dtype': got 'float64', expected one of ['float32', 'bfloat16', "
-                               "'float16']"),
+    ("torch_dtype", "float64", "config field 'torch_dtype': got 'float64', expected one of ['float32', 'bfloat16']"),
     ("torch_dtype", "float16", "config field 'torch_dtype': got 'float16', expected 'float32' or 'bfloat16': AdamW "
                                "on float16 weights writes inf and NaN"),
     ("mixed_precision", "fp8", "config field 'mixed_precision': got 'fp8', expected one of ['no', 'bf16', 'fp16']"),
@@ -45,6 +45,15 @@ def test_auto_attention_is_sdpa_without_flash_attn_or_cuda():
     assert resolve_attn_implementation("auto", torch.device("cpu")) == "sdpa"
     assert resolve_attn_implementation("auto", torch.device("cuda")) == "sdpa"
     assert resolve_attn_implementation("eager", torch.device("cpu")) == "eager"
+
+
+def test_auto_attention_is_flash_attention_on_cuda_where_flash_attn_imports(monkeypatch):
+    # The branch a GPU machine with the gpu extra takes; nothing is loaded, only the choice is made.
+    monkeypatch.setattr(model_options, "flash_attention_importable", lambda: True)
+    assert resolve_attn_implementation("auto", torch.device("cuda")) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_attn_implementation("flash_attention_2", torch.device("cuda")) == "flash_attention_2"
+    assert resolve_attn_implementation("sdpa", torch.device("cuda")) == "sdpa"
 
 
 @pytest.mark.parametrize("overrides, message", [
