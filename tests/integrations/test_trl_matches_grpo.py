@@ -55,14 +55,20 @@ def micro_batches(trainer, rows):
     return batches
 
 
-def with_noisy_old_logprobs(trainer, batch, seed):
-    """The batch with old log-probs = the model's (by TRL's own head) + N(0, 0.3) noise on response tokens."""
+def current_logprobs(trainer, batch):
+    """The model's log-probs of the response tokens, by TRL's own head."""
     with torch.no_grad():
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
             torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), batch["completion_ids"].size(1),
             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
             num_images=batch["num_images"], mm_token_type_ids=batch["mm_token_type_ids"])
+    return logps
+
+
+def with_noisy_old_logprobs(trainer, batch, seed):
+    """The batch with old log-probs = the model's (by TRL's own head) + N(0, 0.3) noise on response tokens."""
+    logps = current_logprobs(trainer, batch)
     noise = 0.3 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(seed))
     return {**batch, "old_per_token_logps": logps + noise * batch["completion_mask"]}
 
@@ -111,15 +117,26 @@ def test_loss_and_gradients_equal_grpo_trainer(tiny, tmp_path, loss_type, old_lo
                                torch.tensor(grpo._metrics["train"]["entropy"]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["beta", "sequence", "top_entropy", "off_policy", "vllm_ratio"])
+@pytest.mark.parametrize("option", ["beta", "sequence", "top_entropy", "off_policy", "vllm_ratio", "dual_clip"])
 def test_trl_options_equal_grpo_trainer(tiny, tmp_path, option):
-    """TRL's reference KL, GSPO's sequence-level ratio and the per-token weights of the policy-gradient term."""
+    """TRL's reference KL, GSPO's sequence-level ratio, the per-token weights of the policy-gradient term, and
+    the dual clip (TRL's delta) on tokens whose ratio is above it."""
     fields = {"beta": dict(beta=0.04), "sequence": dict(importance_sampling_level="sequence", loss_type="grpo"),
               "top_entropy": dict(top_entropy_quantile=0.5), "off_policy": dict(off_policy_mask_threshold=0.05),
-              "vllm_ratio": {}}[option]
+              "vllm_ratio": {}, "dual_clip": {}}[option]
     grpo, papo = make_trainers(tiny, tmp_path, **fields)
     batch = with_noisy_old_logprobs(grpo, micro_batches(papo, generation_rows(tiny[2], NUM_PROMPTS))[0], 1)
     mask = batch["completion_mask"]
+    if option == "dual_clip":
+        # Old log-probs 1.5 nats below the current ones on the first token of every response with a negative
+        # advantage: ratio e^1.5 = 4.5 > delta = 3, where the dual clip caps the loss at -delta * A.
+        negative = (batch["advantages"] < 0).to(mask.dtype).unsqueeze(1) * mask
+        first_token = torch.zeros_like(mask)
+        first_token[:, 0] = 1
+        dual_clipped = (negative * first_token).bool()
+        assert dual_clipped.any(), "the batch must hold a response with a negative advantage"
+        batch["old_per_token_logps"] = torch.where(dual_clipped, current_logprobs(grpo, batch) - 1.5,
+                                                   batch["old_per_token_logps"])
     if option == "beta":
         noise = 0.2 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(2))
         batch["ref_per_token_logps"] = batch["old_per_token_logps"] + noise * mask
