@@ -87,7 +87,10 @@ class PAPOConfig(GRPOConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "PAPOConfig":
-        """The published setting ``papo_kernels.PRESETS[name]`` in full, GRPO fields included, then ``overrides``."""
+        """The published loss setting ``papo_kernels.PRESETS[name]`` in full, its GRPO fields included (clip
+        range, dual clip, beta, loss type), then ``overrides``. Rollout and optimiser fields (``num_generations``,
+        ``max_completion_length``, ``learning_rate``, ``weight_decay``, ``top_p``) keep TRL's defaults: the paper's
+        values depend on the model and the hardware, so give them as ``overrides``."""
         if name not in PRESETS:
             raise ValueError(f"name must be one of {list(PRESETS)}, got {name!r}")
         unknown = sorted(set(PRESETS[name]) - set(PRESET_FIELDS))

@@ -13,8 +13,8 @@ One step, in order:
    reference log-probs (when beta > 0), without gradient;
 7. per PPO epoch and minibatch: forward clean and masked inputs through the model's own
    forward (final hidden states; the LM head gets an empty slice, so no logits),
-   ``papo_loss`` with a view of the head's weight, accumulate the
-   gradients of the micro-batches with the ``dapo`` normaliser of the whole minibatch,
+   ``papo_loss`` on the head's own weight (no copy) with the sampling bias (``policy.sampling_bias``),
+   accumulate the gradients of the micro-batches with the ``dapo`` normaliser of the whole minibatch,
    clip the gradient norm, AdamW step (under fp16's loss scaler an overflow, a non-finite norm, skips the step and
    lowers the scale, as accelerate's scaler does; without a scaler it stops the run);
 8. log the step's metrics.
