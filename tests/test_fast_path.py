@@ -140,17 +140,21 @@ def test_fast_path_keeps_the_error_budget(backend, dtype):
                              cpu64(truth[2][name]), factor=4.0, atol=gradient_atol, scale_to_truth=True)
 
 
-def matrix_flops(path: str, backend: str, n_rows: int, dim: int, vocab: int, grad: bool = True) -> int:
+def matrix_flops(path: str, backend: str, n_rows: int, dim: int, vocab: int, grad: bool = True,
+                 requires=("hidden", "hidden_masked", "weight"), **options) -> int:
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, n_rows, dim, generator=g, requires_grad=True)
-    hidden_masked = torch.randn(1, n_rows, dim, generator=g, requires_grad=True)
-    weight = (torch.randn(vocab, dim, generator=g) / dim**0.5).requires_grad_()
+    leaves = dict(hidden=torch.randn(1, n_rows, dim, generator=g),
+                  hidden_masked=torch.randn(1, n_rows, dim, generator=g),
+                  weight=torch.randn(vocab, dim, generator=g) / dim**0.5, bias=torch.zeros(vocab))
+    for name in requires:
+        leaves[name].requires_grad_()
     tokens = torch.randint(0, vocab, (1, n_rows), generator=g)
     mask = torch.ones(1, n_rows, dtype=torch.bool)
     with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
-        loss, _ = papo_loss(hidden, weight, tokens, mask, torch.ones(1), hidden_masked=hidden_masked,
-                            perception_kl="exact", path=path, backend=backend, workspace_bytes=2**20)
-        if grad:
+        loss, _ = papo_loss(leaves["hidden"], leaves["weight"], tokens, mask, torch.ones(1),
+                            hidden_masked=leaves["hidden_masked"], bias=leaves["bias"], perception_kl="exact",
+                            path=path, backend=backend, workspace_bytes=2**20, **options)
+        if loss.requires_grad:
             loss.backward()
     return counter.get_total_flops()
 
@@ -164,6 +168,23 @@ def test_fast_path_does_twelve_ndv_of_matrix_work_and_the_per_token_path_sixteen
     assert abs(per_token / floor - 16) < 0.16, f"per-token path: {per_token / floor:.3f} N D V"
     # Without grad: statistics only, 2 N D V per pass.
     assert abs(matrix_flops("fast", "torch", n, d, v, grad=False) / floor - 4) < 0.04
+
+
+@pytest.mark.parametrize("requires, options, ndv", [
+    (("hidden", "hidden_masked", "weight"), dict(gamma=0.0, eta_masked=0.0), 8),  # no gradient to the masked pass
+    (("hidden", "hidden_masked", "weight"), dict(gamma=0.0, eta_clean=0.0, eta_masked=0.0), 8),
+    (("weight",), {}, 8),  # no dH product
+    (("hidden", "hidden_masked"), {}, 8),  # no dW product
+    (("hidden",), {}, 6),  # dH of the clean rows only
+    (("bias",), {}, 4),  # the bias gradient is a sum of dZ: no product after the logits
+    ((), {}, 4),  # grad mode on, nothing requires grad: statistics only
+], ids=["no-masked-terms", "no-papo-terms", "weight-only", "hidden-only-both", "hidden-only", "bias-only", "none"])
+def test_fast_path_does_no_product_that_no_gradient_needs(requires, options, ndv):
+    """2 N D V per pass forward (the masked pass still runs for its metrics), then 2 N D V for each pass's dH and
+    each pass's dW that some input needs."""
+    n, d, v = 96, 32, 1000
+    flops = matrix_flops("fast", "torch", n, d, v, requires=requires, **options)
+    assert abs(flops / (n * d * v) - ndv) < 0.01 * ndv, f"{flops / (n * d * v):.3f} N D V, expected {ndv}"
 
 
 def test_backward_scales_the_stored_gradients_by_the_incoming_one():
