@@ -200,20 +200,49 @@ def test_autocast_leaves_the_ops_in_float32(backend):
     assert single.logprobs.dtype == torch.float32
 
 
+def differentiate_again(penalty, hidden, weight, form):
+    """Each way a user asks for a second derivative: every leaf, or one named input."""
+    if form == "backward":
+        penalty.backward()
+    elif form == "backward_inputs_weight":
+        penalty.backward(inputs=[weight])
+    elif form == "grad_weight":
+        torch.autograd.grad(penalty, weight, allow_unused=True)
+    else:
+        torch.autograd.grad(penalty, hidden, allow_unused=True)
+
+
+SECOND_DERIVATIVE_FORMS = ["backward", "backward_inputs_weight", "grad_weight", "grad_hidden"]
+
+
+@pytest.mark.parametrize("form", SECOND_DERIVATIVE_FORMS)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op", ["logprobs", "perception_kl"])
-def test_second_derivatives_through_fused_backwards_raise(backend, op):
+def test_second_derivatives_through_fused_backwards_raise(backend, op, form):
     device = triton_device() if backend == "triton" else "cpu"
     batch = make_batch(device=device)
     hidden = batch["hidden"].detach().clone().requires_grad_()
+    weight = batch["weight"].detach().clone().requires_grad_()
     if op == "logprobs":
-        outputs = linear_logprobs(hidden, batch["weight"], batch["completion_ids"], backend=backend)
+        outputs = linear_logprobs(hidden, weight, batch["completion_ids"], backend=backend)
     else:
-        outputs = linear_perception_kl(hidden, batch["hidden_masked"], batch["weight"], batch["completion_ids"],
+        outputs = linear_perception_kl(hidden, batch["hidden_masked"], weight, batch["completion_ids"],
                                        backend=backend)
     (grad,) = torch.autograd.grad(sum(out.sum() for out in outputs), hidden, create_graph=True)
     with pytest.raises(RuntimeError, match=f"{'linear_' + op} \\({backend} backend\\) has no second derivative"):
-        grad.pow(2).sum().backward()
+        differentiate_again(grad.pow(2).sum(), hidden, weight, form)
+
+
+@pytest.mark.parametrize("form", SECOND_DERIVATIVE_FORMS)
+def test_second_derivatives_through_the_fast_path_raise(form):
+    batch = make_batch()
+    hidden = batch["hidden"].detach().clone().requires_grad_()
+    weight = batch["weight"].detach().clone().requires_grad_()
+    loss, _ = papo_loss(hidden, weight, batch["completion_ids"], batch["completion_mask"], batch["advantages"],
+                        hidden_masked=batch["hidden_masked"], path="fast")
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"papo_loss \(fast path\) has no second derivative"):
+        differentiate_again(grad.pow(2).sum(), hidden, weight, form)
 
 
 def test_second_derivatives_through_the_reference_are_exact():

@@ -37,6 +37,7 @@ class FastPAPOLossFunction(torch.autograd.Function):
             result = run_chunks(hidden, hidden_masked, weight, bias, call.tokens, call.batch, call.objective,
                                 call.options, call.epilogue, needs_grad)
         ctx.gradients = (result.grad_hidden, result.grad_hidden_masked, result.grad_weight, result.grad_bias)
+        ctx.save_for_backward(hidden, hidden_masked, weight, bias)  # references only, for the second-order guard
         terms = [term for term in result.terms if term is not None]
         ctx.mark_non_differentiable(*terms)
         return (result.loss, *result.terms)
@@ -48,6 +49,7 @@ class FastPAPOLossFunction(torch.autograd.Function):
             raise RuntimeError("papo_loss's fast path hands its gradients to the first backward; for a second "
                                "backward through the same graph use path='per_token'")
         gradients, ctx.gradients = ctx.gradients, None
-        if not torch.equal(loss_grad, torch.ones_like(loss_grad)):
-            gradients = tuple(None if grad is None else grad * loss_grad.to(grad.dtype) for grad in gradients)
+        for grad in gradients:  # in place: the gradients are this call's own; no host sync to test for 1
+            if grad is not None:
+                grad.mul_(loss_grad.to(grad.dtype))
         return (*gradients, None)
