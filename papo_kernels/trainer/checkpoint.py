@@ -64,6 +64,8 @@ def load_checkpoint(output_dir) -> Dict[str, Any]:
     """The payload of ``output_dir/checkpoint.pt``; ``TrainerInputError`` naming the file when there is none
     or it cannot be read as a checkpoint."""
     path = Path(output_dir) / CHECKPOINT_NAME
+    if path.exists() and not path.is_file():
+        raise TrainerInputError(f"--resume: {path} is not a regular file, so it holds no checkpoint")
     if not path.is_file():
         raise TrainerInputError(f"--resume: no checkpoint at {path}; train without --resume first")
     # mmap reads tensors only when used, so reading just the config stays cheap.

@@ -40,11 +40,17 @@ def write_atomically(path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
-def prepare_output_dir(path) -> Path:
-    """Create ``path`` if needed and prove it writable; ``TrainerInputError`` naming it otherwise."""
+def prepare_output_dir(path, outputs: Iterable[str] = ()) -> Path:
+    """Create ``path`` if needed and prove it writable, and check that each of the file names ``outputs`` in it
+    is free or a regular file (so it can be replaced); ``TrainerInputError`` naming the path otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TrainerInputError(f"output_dir: {path} is a file, expected a directory (or a path to create one at)")
+    for name in outputs:
+        output = path / name
+        if output.exists() and not output.is_file():
+            raise TrainerInputError(f"output_dir: {output} is not a regular file; the run writes its {name} there "
+                                    "(move it away or choose another --output-dir)")
     try:
         path.mkdir(parents=True, exist_ok=True)
         # Write access as the OS grants it (os.access answers yes to root even on a read-only mount).

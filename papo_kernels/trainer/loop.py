@@ -47,7 +47,7 @@ from .local_model import load_local_model
 from .metrics_log import METRICS_NAME, MetricsLog, read_metrics
 from .model_options import (TORCH_DTYPES, check_mixed_precision, enable_gradient_checkpointing,
                             resolve_attn_implementation)
-from .plotting import plot_metrics
+from .plotting import PLOT_NAME, plot_metrics
 from .policy import (CompletionHiddenStates, clean_and_masked_inputs, head_tokens, response_logprobs, sampling_bias,
                      sequence_inputs)
 from .resume import check_resume, check_vocabulary
@@ -100,7 +100,7 @@ class Trainer:
             raise TrainerInputError(f"config field 'minibatches': got {config.minibatches}, expected at most the "
                                     f"responses per process ({self.local_prompts * config.group_size})")
         self.loss_kwargs = config.loss_kwargs()
-        prepare_output_dir(config.output_dir)
+        prepare_output_dir(config.output_dir, (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME))
         if self.accelerator.is_main_process:
             remove_orphans(config.output_dir, (CHECKPOINT_NAME, METRICS_NAME))
         checkpoint = None

@@ -28,6 +28,22 @@ def test_an_output_dir_that_is_a_file(tmp_path, capsys):
         f"output_dir: {tmp_path / 'run'} is a file, expected a directory (or a path to create one at)"
 
 
+@pytest.mark.parametrize("flags", [[], ["--overwrite-output-dir"]], ids=["new", "overwrite"])
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoint.pt", "training_curves.png"])
+def test_an_output_file_that_is_a_directory(tmp_path, capsys, name, flags):
+    (tmp_path / "run" / name).mkdir(parents=True)
+    assert cli_error(capsys, ["--output-dir", str(tmp_path / "run")] + flags + MISSING_MODEL) == \
+        f"output_dir: {tmp_path / 'run' / name} is not a regular file; the run writes its {name} there (move it " \
+        "away or choose another --output-dir)"
+    assert (tmp_path / "run" / name).is_dir()
+
+
+def test_resume_from_a_checkpoint_that_is_a_directory(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoint.pt").mkdir(parents=True)
+    assert cli_error(capsys, ["--output-dir", str(tmp_path / "run"), "--resume"]) == \
+        f"--resume: {tmp_path / 'run' / 'checkpoint.pt'} is not a regular file, so it holds no checkpoint"
+
+
 @pytest.mark.parametrize("where, reason", [("file/run", "Not a directory"),
                                            ("/sys", "Permission denied"),  # unwritable, even for root
                                            ("/sys/papo-run", "Operation not permitted")])

@@ -53,6 +53,18 @@ def files_of(run_dir):
     return {path.name: path.read_bytes() for path in run_dir.iterdir()}
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "training_curves.png"])
+def test_an_output_file_that_became_a_directory_is_refused_before_the_resume(run_copy, capsys, name):
+    run_dir = run_copy("constant")
+    (run_dir / name).unlink()
+    (run_dir / name).mkdir()
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    assert cli_error(capsys, ["--output-dir", str(run_dir), "--resume", "--steps", "3"]) == \
+        f"output_dir: {run_dir / name} is not a regular file; the run writes its {name} there (move it away or " \
+        "choose another --output-dir)"
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
+
+
 @pytest.mark.parametrize("run", ["cosine", "constant"])
 def test_steps_below_the_checkpoint_are_refused_and_nothing_is_rewritten(run_copy, capsys, run):
     run_dir = run_copy(run)
