@@ -33,7 +33,7 @@ def check_float_tensor(name: str, value) -> torch.Tensor:
 def check_int_tensor(name: str, value) -> torch.Tensor:
     check_tensor(name, value)
     if value.dtype not in INT_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {value.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
     return value
 
 
@@ -82,11 +82,22 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, high_
     return value
 
 
-def check_positive_int(name: str, value) -> int:
-    """A positive integer: a Python or NumPy integer (not bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+def check_int(name: str, value, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """An integer in [low, high]: a Python or NumPy integer (not bool), or a one-element integer tensor (read
+    with one host sync). Returns it as an int."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in INT_DTYPES or value.numel() != 1:
+            raise TypeError(f"{name} must be an int or a one-element integer tensor, got a tensor of dtype "
+                            f"{value.dtype} and shape {tuple(value.shape)}")
+        check_has_data(**{name: value})
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"{name} must be an int in {interval}, got {value}")
+    return value
 
 
 def check_has_data(**tensors: Optional[torch.Tensor]) -> None:

@@ -15,6 +15,8 @@ from typing import Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
+from ._checks import check_int
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP / DataParallel / FSDP-style wrappers (their ``.module``)."""
@@ -63,10 +65,7 @@ def completion_hidden_states(model: nn.Module, inputs: Mapping[str, Tensor], com
     if "input_ids" not in inputs:
         raise ValueError(f"inputs must hold input_ids, got keys {sorted(inputs)}")
     length = inputs["input_ids"].shape[-1]
-    if isinstance(completion_length, bool) or not isinstance(completion_length, int) \
-            or not 1 <= completion_length < length:
-        raise ValueError(f"completion_length must be an int in [1, {length - 1}] (input_ids has {length} positions), "
-                         f"got {completion_length!r}")
+    completion_length = check_int("completion_length", completion_length, low=1, high=length - 1)
     head = _output_embeddings(model)
     captured = []
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ._checks import check_choice, check_completion_values, check_float_tensor, check_has_data, check_head
 from ._checks import check_hidden_masked
-from ._checks import check_int_tensor, check_number, check_positive_int, check_same_device, check_shape
+from ._checks import check_int, check_int_tensor, check_number, check_same_device, check_shape
 from ._checks import check_tensor
 from ._guards import no_autocast
 from .backends import BACKENDS, reference
@@ -82,10 +82,11 @@ def check_hyperparameters(hyperparameters: Dict[str, object]) -> Dict[str, objec
     if h["loss_type"] == "dr_grpo":
         if h["max_completion_length"] is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int), got None")
-        h["max_completion_length"] = check_positive_int("max_completion_length", h["max_completion_length"])
+        h["max_completion_length"] = check_int("max_completion_length", h["max_completion_length"], low=1)
     if h["num_items_in_batch"] is not None:
         h["num_items_in_batch"] = check_number("num_items_in_batch", h["num_items_in_batch"], low=0.0,
                                                low_open=True)
+    check_path(h)
     return h
 
 
@@ -158,27 +159,32 @@ def _token_batch(mask: Tensor, index: Tensor, advantages: Tensor, old_logprobs, 
                       policy_weights=at_tokens(policy_weights))
 
 
-def _choose_path(h: Dict[str, object], wants_grad: bool) -> str:
-    """``auto``: the fast path when a gradient is wanted and nothing needs the per-token path, or when the backend
-    is an epilogue the per-token ops do not have (``native``)."""
+def check_path(h: Dict[str, object]) -> None:
+    """The path and backend go together: the fast path computes with an epilogue, the per-token path with the
+    LM-head ops, and the fast path cannot take importance_sampling_level='sequence'. None of it depends on grad
+    mode, so it is checked with the other settings (``PAPOLoss`` at construction)."""
     fast_only = h["backend"] not in BACKENDS
-    sequence_level = h["importance_sampling_level"] == "sequence"
     path = h["path"]
-    if path == "auto":
-        per_token_only = h["backend"] == "reference" or sequence_level
-        path = "fast" if fast_only or (wants_grad and not per_token_only) else "per_token"
-    if path == "fast":
-        if h["backend"] not in EPILOGUES:
-            raise ValueError(f"path='fast' computes with an epilogue, one of backend {list(EPILOGUES)}, "
-                             f"got backend={h['backend']!r}; use path='per_token' for it")
-        if sequence_level:
-            raise ValueError(f"the fast path (path={h['path']!r}, backend={h['backend']!r}) needs every token's "
-                             "gradient from its own statistics, which importance_sampling_level='sequence' couples "
-                             f"across a sequence; use path='per_token' with backend one of {list(BACKENDS)}")
-    elif fast_only:
+    if path == "fast" and h["backend"] not in EPILOGUES:
+        raise ValueError(f"path='fast' computes with an epilogue, one of backend {list(EPILOGUES)}, "
+                         f"got backend={h['backend']!r}; use path='per_token' for it")
+    if h["importance_sampling_level"] == "sequence" and (path == "fast" or (path == "auto" and fast_only)):
+        raise ValueError(f"the fast path (path={path!r}, backend={h['backend']!r}) needs every token's "
+                         "gradient from its own statistics, which importance_sampling_level='sequence' couples "
+                         f"across a sequence; use path='per_token' with backend one of {list(BACKENDS)}")
+    if path == "per_token" and fast_only:
         raise ValueError(f"path='per_token' runs the LM-head ops, backend one of {list(BACKENDS)}, "
                          f"got backend={h['backend']!r}")
-    return path
+
+
+def _choose_path(h: Dict[str, object], wants_grad: bool) -> str:
+    """``auto``: the fast path when a gradient is wanted and nothing needs the per-token path, or when the backend
+    is an epilogue the per-token ops do not have (``native``). The settings passed ``check_path``."""
+    if h["path"] != "auto":
+        return h["path"]
+    fast_only = h["backend"] not in BACKENDS
+    per_token_only = h["backend"] == "reference" or h["importance_sampling_level"] == "sequence"
+    return "fast" if fast_only or (wants_grad and not per_token_only) else "per_token"
 
 
 def _per_token_path(hidden, hidden_masked, weight, bias, tokens, batch: TokenBatch, objective: Objective,
@@ -351,6 +357,14 @@ def papo_loss(
         return loss, _metrics(terms, index.numel(), dtype, hidden.device)
 
 
+def check_settings(settings: Dict[str, object]) -> Dict[str, object]:
+    """``check_hyperparameters`` on papo_loss's defaults updated with ``settings`` (names of HYPERPARAMETERS), for
+    whatever holds settings before the first call (``PAPOLoss``, TRL's ``PAPOConfig``)."""
+    defaults = {name: p.default for name, p in inspect.signature(papo_loss).parameters.items()
+                if name in HYPERPARAMETERS}
+    return check_hyperparameters({**defaults, **settings})
+
+
 class PAPOLoss(nn.Module):
     """Stores the hyperparameters of ``papo_loss`` and forwards to it.
 
@@ -359,12 +373,10 @@ class PAPOLoss(nn.Module):
 
     def __init__(self, **hyperparameters):
         super().__init__()
-        keywords = {name: p.default for name, p in inspect.signature(papo_loss).parameters.items()
-                    if p.kind == p.KEYWORD_ONLY}
+        keywords = [name for name, p in inspect.signature(papo_loss).parameters.items() if p.kind == p.KEYWORD_ONLY]
         for name in hyperparameters:
-            check_choice("PAPOLoss hyperparameter", name, list(keywords))
-        check_hyperparameters({name: hyperparameters.get(name, default) for name, default in keywords.items()
-                               if name in HYPERPARAMETERS})
+            check_choice("PAPOLoss hyperparameter", name, keywords)
+        check_settings({name: value for name, value in hyperparameters.items() if name in HYPERPARAMETERS})
         self.hyperparameters = dict(hyperparameters)
 
     @classmethod

@@ -25,12 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_number
-
-
-def _check_non_negative_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+from ._checks import check_int, check_int_tensor, check_number, check_shape
 
 
 def group_generator(seed: int, *keys: int) -> torch.Generator:
@@ -38,10 +33,9 @@ def group_generator(seed: int, *keys: int) -> torch.Generator:
 
     The same arguments give the same generator in every process.
     """
-    _check_non_negative_int("seed", seed)
-    for index, key in enumerate(keys):
-        _check_non_negative_int(f"keys[{index}]", key)
-    state = np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1, dtype=np.uint64)[0]
+    seed = check_int("seed", seed, low=0)
+    keys = [check_int(f"keys[{index}]", key, low=0) for index, key in enumerate(keys)]
+    state = np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -118,13 +112,13 @@ def mask_pixel_values(pixel_values: Tensor, image_grid_thw: Tensor, cell_masks: 
     return masked
 
 
-def _check_groups(group_ids: Sequence[int], num_samples: int, seed: int, probability: float) -> None:
+def _check_groups(group_ids: Sequence[int], num_samples: int, seed: int, probability: float) -> List[int]:
+    """The group ids as ints, after the checks of the batch functions' shared arguments."""
     if len(group_ids) != num_samples:
         raise ValueError(f"group_ids: need one group id per sample ({num_samples}), got {len(group_ids)}")
-    _check_non_negative_int("seed", seed)
-    for index, group in enumerate(group_ids):
-        _check_non_negative_int(f"group_ids[{index}]", group)
+    check_int("seed", seed, low=0)
     check_number("probability", probability, low=0.0, high=1.0)
+    return [check_int(f"group_ids[{index}]", group, low=0) for index, group in enumerate(group_ids)]
 
 
 def _check_same_within_group(group_ids: Sequence[int], layouts: Sequence, what: str) -> None:
@@ -152,9 +146,8 @@ def mask_images_by_group(images: Sequence, group_ids: Sequence[int], seed: int, 
     Returns:
         One list of masked images per sample; the inputs are left untouched.
     """
-    _check_groups(group_ids, len(images), seed, probability)
-    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
-        raise ValueError(f"cell must be a positive int, got {cell!r}")
+    group_ids = _check_groups(group_ids, len(images), seed, probability)
+    cell = check_int("cell", cell, low=1)
     per_sample = [list(sample) if isinstance(sample, (list, tuple)) else [sample] for sample in images]
     _check_same_within_group(group_ids, [[image.size for image in sample] for sample in per_sample], "sizes")
     masked = []
@@ -184,8 +177,11 @@ def mask_pixel_values_by_group(pixel_values: Tensor, image_grid_thw: Tensor, gro
         images_per_sample: images of each sample, in order; None means one each.
         probability: chance that a patch is blackened, in [0, 1].
     """
-    counts = [1] * len(group_ids) if images_per_sample is None else list(images_per_sample)
-    _check_groups(group_ids, len(counts), seed, probability)
+    counts = [1] * len(group_ids) if images_per_sample is None else \
+        [check_int(f"images_per_sample[{index}]", count, low=0) for index, count in enumerate(images_per_sample)]
+    group_ids = _check_groups(group_ids, len(counts), seed, probability)
+    check_int_tensor("image_grid_thw", image_grid_thw)
+    check_shape("image_grid_thw", image_grid_thw, (*image_grid_thw.shape[:1], 3), "(num_images, 3)")
     if sum(counts) != image_grid_thw.shape[0]:
         if images_per_sample is None:
             raise ValueError(f"group_ids: {len(counts)} samples of one image each, but image_grid_thw has "

@@ -79,8 +79,11 @@ def test_the_call_goes_through_the_wrapper_and_carries_gradient(model_and_inputs
 def test_bad_arguments_are_named(model_and_inputs):
     model, inputs = model_and_inputs
     length = inputs["input_ids"].shape[1]
-    for bad in (0, length, 2.0, True):
-        with pytest.raises(ValueError, match="completion_length"):
+    for bad in (0, length):
+        with pytest.raises(ValueError, match=f"completion_length must be an int in \\[1, {length - 1}\\], got {bad}"):
+            completion_hidden_states(model, inputs, bad)
+    for bad in (2.0, True, torch.tensor(2.0)):
+        with pytest.raises(TypeError, match="completion_length must be an int"):
             completion_hidden_states(model, inputs, bad)
     with pytest.raises(ValueError, match="input_ids"):
         completion_hidden_states(model, {"attention_mask": inputs["attention_mask"]}, 1)

@@ -37,10 +37,23 @@ def test_group_generator_depends_on_every_key_only():
         assert not torch.equal(draw(7, 3, 5), draw(*other)), other
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
-def test_group_generator_rejects_bad_keys(bad):
-    with pytest.raises(ValueError, match="non-negative int"):
+@pytest.mark.parametrize("bad, error, message", [(-1, ValueError, r"keys\[0\] must be an int in \[0, inf\], got -1"),
+                                                 (1.5, TypeError, r"keys\[0\] must be an int, got 1.5"),
+                                                 (True, TypeError, r"keys\[0\] must be an int, got True"),
+                                                 ("3", TypeError, r"keys\[0\] must be an int, got '3'")])
+def test_group_generator_rejects_bad_keys(bad, error, message):
+    with pytest.raises(error, match=message):
         group_generator(0, bad)
+
+
+def test_numpy_and_tensor_integers_are_ints_like_python_ones():
+    images = [noise_image(0)] * 2 + [noise_image(1)] * 2
+    want = mask_images_by_group(images, [0, 0, 1, 1], seed=3, cell=14)
+    got = mask_images_by_group(images, torch.tensor([0, 0, 1, 1]), seed=np.int64(3), cell=np.int64(14))
+    assert [[np.array(image).tobytes() for image in sample] for sample in got] == \
+        [[np.array(image).tobytes() for image in sample] for sample in want]
+    with pytest.raises(TypeError, match="cell must be an int, got 14.0"):
+        mask_images_by_group(images, [0, 0, 1, 1], seed=3, cell=14.0)
 
 
 def test_images_share_a_mask_within_a_group_and_differ_between_groups():
@@ -133,3 +146,7 @@ def test_bad_arguments_are_named(image_processor):
         mask_images_by_group([noise_image(0)], [-2], 0)
     with pytest.raises(ValueError, match="cell"):
         mask_images_by_group([noise_image(0)], [0], 0, cell=0)
+    with pytest.raises(TypeError, match="image_grid_thw must be an integer tensor, got dtype torch.float32"):
+        mask_pixel_values_by_group(clean["pixel_values"], clean["image_grid_thw"].float(), [0, 1], 0, image_processor)
+    with pytest.raises(ValueError, match=r"image_grid_thw must have shape \(2, 3\)"):
+        mask_pixel_values_by_group(clean["pixel_values"], clean["image_grid_thw"][:, :2], [0, 1], 0, image_processor)

@@ -105,7 +105,9 @@ BAD_NUMBERS = [
     ("dr_grpo length below the longest response", dict(loss_type="dr_grpo", max_completion_length=4), ValueError,
      ["max_completion_length", "longest response (6 tokens", "got 4"]),
     ("numpy float max_completion_length", dict(loss_type="dr_grpo", max_completion_length=np.float64(8.0)),
-     ValueError, ["max_completion_length", "positive int"]),
+     TypeError, ["max_completion_length must be an int", "8.0"]),
+    ("zero max_completion_length", dict(loss_type="dr_grpo", max_completion_length=np.int64(0)), ValueError,
+     ["max_completion_length must be an int in [1, inf]", "got 0"]),
     ("half mask", dict(completion_mask=torch.full((B, T), 0.5)), ValueError, ["completion_mask", "0.5"]),
     ("negative mask", dict(completion_mask=-torch.ones(B, T)), ValueError, ["completion_mask", "-1.0"]),
     ("nan mask", dict(completion_mask=torch.full((B, T), float("nan"))), ValueError, ["completion_mask", "nan"]),
@@ -149,6 +151,25 @@ def test_papo_loss_module_validates_at_construction():
         PAPOLoss.from_preset("papo_d", loss_type="token_mean")
     with pytest.raises(ValueError, match="max_completion_length"):
         PAPOLoss(loss_type="dr_grpo")
+    # path and backend go together whatever the grad mode, so they are checked here too
+    with pytest.raises(ValueError, match="path='fast' computes with an epilogue.*got backend='reference'"):
+        PAPOLoss(path="fast", backend="reference")
+    with pytest.raises(ValueError, match="path='per_token' runs the LM-head ops.*got backend='native'"):
+        PAPOLoss(path="per_token", backend="native")
+    with pytest.raises(ValueError, match="importance_sampling_level='sequence' couples"):
+        PAPOLoss(path="fast", importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="importance_sampling_level='sequence' couples"):
+        PAPOLoss(backend="native", importance_sampling_level="sequence")
+    PAPOLoss(importance_sampling_level="sequence")  # auto takes the per-token path for it
+
+
+def test_integer_settings_take_numpy_and_one_element_tensors():
+    plain, _ = call_with(loss_type="dr_grpo", max_completion_length=8)
+    for value in (np.int64(8), torch.tensor(8), torch.tensor([8], dtype=torch.int32)):
+        other, _ = call_with(loss_type="dr_grpo", max_completion_length=value)
+        assert torch.equal(other, plain), value
+    with pytest.raises(TypeError, match="max_completion_length must be an int or a one-element integer tensor"):
+        call_with(loss_type="dr_grpo", max_completion_length=torch.tensor(8.0))
 
 
 def test_meta_tensors_get_a_clear_error():

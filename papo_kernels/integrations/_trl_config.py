@@ -1,13 +1,14 @@
 """``PAPOConfig``: TRL's ``GRPOConfig`` with the PAPO terms, the masked image and PAPO-D's defaults."""
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from trl import GRPOConfig
 
+from .._checks import check_int, check_number
 from ..backends import BACKENDS
-from ..loss import ENTROPY_MODES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, PERCEPTION_KL_ESTIMATORS, PRESETS
+from ..loss import (ENTROPY_MODES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, PERCEPTION_KL_ESTIMATORS, PRESETS,
+                    check_settings)
 
 MASK_TARGETS = ("image", "pixel_values")
 GAMMA_SCHEDULES = ("fixed", "linear")
@@ -84,6 +85,11 @@ class PAPOConfig(GRPOConfig):
         super().__post_init__()
         self._check_papo_fields()
         self._check_grpo_fields()
+        try:  # what papo_loss itself checks (beta, temperature, dr_grpo's length, ...), at construction
+            check_settings({**self.papo_loss_options(), "temperature": self.temperature, "gamma": self.gamma,
+                            "eta_clean": self.eta_clean, "eta_masked": self.eta_masked})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"PAPOConfig: {error}") from None
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "PAPOConfig":
@@ -123,6 +129,14 @@ class PAPOConfig(GRPOConfig):
                     max_completion_length=self.max_completion_length,
                     importance_sampling_level=self.importance_sampling_level, backend=self.backend)
 
+    def _take_number(self, name: str, fail, allowed: str, **interval) -> None:
+        """Field ``name`` as a Python float (NumPy and one-element tensors taken as the numbers they hold);
+        ``fail(name, allowed)`` where it is no finite number in ``interval``."""
+        try:
+            setattr(self, name, check_number(name, getattr(self, name), **interval))
+        except (TypeError, ValueError):
+            fail(name, allowed)
+
     def _check_papo_fields(self) -> None:
         def fail(name: str, allowed: str) -> None:
             raise ValueError(f"PAPOConfig.{name}: got {getattr(self, name)!r}, expected {allowed}")
@@ -132,22 +146,20 @@ class PAPOConfig(GRPOConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {list(allowed)}")
-        for name in ("gamma", "eta_clean", "eta_masked", "gamma_final"):
-            if not _is_number(getattr(self, name)):
-                fail(name, "a finite number")
-        if self.gamma_final < 0:
-            fail("gamma_final", "a number >= 0")
+        for name in ("gamma", "eta_clean", "eta_masked"):
+            self._take_number(name, fail, "a finite number")
+        self._take_number("gamma_final", fail, "a finite number >= 0", low=0.0)
         if self.gamma_schedule == "linear" and self.gamma == 0 and self.gamma_final != 0:
             fail("gamma_schedule", f"'fixed' with gamma=0 and gamma_final={self.gamma_final}: the linear schedule "
                  "multiplies gamma, eta_clean and eta_masked by (gamma + progress (gamma_final - gamma)) / gamma, "
                  "a ratio to the starting gamma, so from gamma=0 it never reaches gamma_final; start from a "
                  "nonzero gamma")
-        if not _is_number(self.mask_probability) or not 0 <= self.mask_probability <= 1:
-            fail("mask_probability", "a number in [0, 1]")
-        if isinstance(self.mask_cell, bool) or not isinstance(self.mask_cell, int) or self.mask_cell < 1:
+        self._take_number("mask_probability", fail, "a number in [0, 1]", low=0.0, high=1.0)
+        try:
+            self.mask_cell = check_int("mask_cell", self.mask_cell, low=1)
+        except (TypeError, ValueError):
             fail("mask_cell", "a positive int")
-        if not _is_number(self.gamma_anneal_fraction) or not 0 < self.gamma_anneal_fraction <= 1:
-            fail("gamma_anneal_fraction", "a number in (0, 1]")
+        self._take_number("gamma_anneal_fraction", fail, "a number in (0, 1]", low=0.0, low_open=True, high=1.0)
         if not isinstance(self.masked_gradient, bool):
             fail("masked_gradient", "True or False")
         if not self.masked_gradient and self.perception_kl == "exact":
@@ -164,13 +176,14 @@ class PAPOConfig(GRPOConfig):
             refuse("loss_type", f"one of {list(LOSS_TYPES)}")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             refuse("importance_sampling_level", f"one of {list(IMPORTANCE_SAMPLING_LEVELS)}")
-        if not (_is_number(self.epsilon) and 0 <= self.epsilon < 1):
-            refuse("epsilon", "a number in [0, 1) (the ratio's lower clip 1 - epsilon stays positive)")
-        if self.epsilon_high is not None and not (_is_number(self.epsilon_high) and self.epsilon_high >= 0):
-            refuse("epsilon_high", "None (the same as epsilon) or a number >= 0")
+        self._take_number("epsilon", refuse, "a number in [0, 1) (the ratio's lower clip 1 - epsilon stays positive)",
+                          low=0.0, high=1.0, high_open=True)
+        if self.epsilon_high is not None:
+            self._take_number("epsilon_high", refuse, "None (the same as epsilon) or a number >= 0", low=0.0)
         epsilon_high = self.upper_clip_epsilon
-        if self.delta is not None and not (_is_number(self.delta) and self.delta > 1 + epsilon_high):
-            refuse("delta", f"None or a number > 1 + epsilon_high = {1 + epsilon_high} (the dual clip)")
+        if self.delta is not None:
+            self._take_number("delta", refuse, f"None or a number > 1 + epsilon_high = {1 + epsilon_high} (the dual "
+                              "clip)", low=1 + epsilon_high, low_open=True)
         if self.use_bias_correction_kl and self.beta != 0:
             refuse("use_bias_correction_kl", "False with beta != 0 (papo_loss's reference KL is the plain k3, not "
                    "reweighted by the ratio)")
@@ -178,7 +191,3 @@ class PAPOConfig(GRPOConfig):
             name = "entropy_coef" if self.entropy_coef != 0 else "use_adaptive_entropy"
             refuse(name, "entropy_coef=0 and use_adaptive_entropy=False; PAPO's entropy terms are eta_clean and "
                    "eta_masked")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

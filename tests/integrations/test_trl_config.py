@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from trl import GRPOConfig
 
@@ -79,6 +80,29 @@ def test_linear_gamma_schedule():
 def test_refused_settings_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         PAPOConfig(**fields, **CPU)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(beta=float("nan")), r"PAPOConfig: beta must be a finite number in \[0.0, inf\), got nan"),
+    (dict(beta=-1.0), r"PAPOConfig: beta must be a finite number in \[0.0, inf\), got -1.0"),
+    (dict(temperature=float("nan")), "PAPOConfig: temperature must be a finite number"),
+    (dict(temperature=-1.0), r"PAPOConfig: temperature must be a finite number in \(0.0, inf\), got -1.0"),
+    (dict(loss_type="dr_grpo", max_completion_length=None), "PAPOConfig: loss_type='dr_grpo' needs "
+                                                             "max_completion_length"),
+])
+def test_what_papo_loss_would_refuse_is_refused_at_construction(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PAPOConfig(**fields, **CPU)
+
+
+def test_numpy_numbers_are_the_numbers_they_hold():
+    config = PAPOConfig(gamma=np.float32(0.02), epsilon=np.float64(0.2), delta=np.float32(3.0),
+                        mask_probability=np.float64(0.5), gamma_anneal_fraction=np.float32(0.5),
+                        mask_cell=np.int64(14), **CPU)
+    assert (config.gamma, config.epsilon, config.delta) == (float(np.float32(0.02)), 0.2, 3.0)
+    assert (config.mask_probability, config.gamma_anneal_fraction, config.mask_cell) == (0.5, 0.5, 14)
+    assert all(type(value) in (float, int) for value in (config.gamma, config.delta, config.mask_cell))
+    config.to_json_string()  # TRL logs its arguments as JSON, which NumPy numbers would break
 
 
 def test_trainer_refuses_what_it_cannot_honour(tmp_path):
