@@ -38,6 +38,7 @@ from .ops.logprobs import compute_linear_logprobs
 from .ops.perception_kl import compute_linear_perception_kl
 
 PATHS = ("auto", "fast", "per_token")
+FLOAT32 = torch.finfo(torch.float32)
 LOSS_BACKENDS = tuple(dict.fromkeys(BACKENDS + EPILOGUES))
 HYPERPARAMETERS = ("temperature", "epsilon_low", "epsilon_high", "dual_clip", "beta", "gamma", "perception_kl",
                    "eta_clean", "eta_masked", "entropy", "loss_type", "importance_sampling_level",
@@ -61,17 +62,32 @@ PRESETS: Dict[str, Dict[str, object]] = {
 }
 
 
+def _setting(name: str, value, *, divisor: bool = False, **interval) -> float:
+    """``check_number``, and a float32 number, since the loss computes in float32: at most float32's largest in
+    magnitude, and for a ``divisor`` (temperature, num_items_in_batch) at least its smallest normal, so that
+    dividing by it stays finite."""
+    value = check_number(name, value, **interval)
+    reason = "the loss computes in float32 for all but float64 inputs"
+    if divisor and not FLOAT32.tiny <= value <= FLOAT32.max:
+        raise ValueError(f"{name} must lie in [{FLOAT32.tiny:.4g}, {FLOAT32.max:.4g}] (float32's normal numbers: "
+                         f"{reason}, and divides by it), got {value}")
+    if abs(value) > FLOAT32.max:
+        raise ValueError(f"{name} must be at most {FLOAT32.max:.4g} in magnitude (float32's range: {reason}), "
+                         f"got {value}")
+    return value
+
+
 def check_hyperparameters(hyperparameters: Dict[str, object]) -> Dict[str, object]:
     """The values and choices of papo_loss's scalar settings (the checks that need no tensor), as Python values."""
     h = dict(hyperparameters)
-    h["temperature"] = check_number("temperature", h["temperature"], low=0.0, low_open=True)
-    h["epsilon_low"] = check_number("epsilon_low", h["epsilon_low"], low=0.0, high=1.0, high_open=True)
-    h["epsilon_high"] = check_number("epsilon_high", h["epsilon_high"], low=0.0)
+    h["temperature"] = _setting("temperature", h["temperature"], divisor=True, low=0.0, low_open=True)
+    h["epsilon_low"] = _setting("epsilon_low", h["epsilon_low"], low=0.0, high=1.0, high_open=True)
+    h["epsilon_high"] = _setting("epsilon_high", h["epsilon_high"], low=0.0)
     if h["dual_clip"] is not None:
-        h["dual_clip"] = check_number("dual_clip", h["dual_clip"], low=1.0, low_open=True)
-    h["beta"] = check_number("beta", h["beta"], low=0.0)
+        h["dual_clip"] = _setting("dual_clip", h["dual_clip"], low=1.0, low_open=True)
+    h["beta"] = _setting("beta", h["beta"], low=0.0)
     for name in ("gamma", "eta_clean", "eta_masked"):
-        h[name] = check_number(name, h[name])
+        h[name] = _setting(name, h[name])
     check_choice("perception_kl", h["perception_kl"], PERCEPTION_KL_ESTIMATORS)
     check_choice("entropy", h["entropy"], ENTROPY_MODES)
     check_choice("loss_type", h["loss_type"], LOSS_TYPES)
@@ -84,8 +100,8 @@ def check_hyperparameters(hyperparameters: Dict[str, object]) -> Dict[str, objec
             raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int), got None")
         h["max_completion_length"] = check_int("max_completion_length", h["max_completion_length"], low=1)
     if h["num_items_in_batch"] is not None:
-        h["num_items_in_batch"] = check_number("num_items_in_batch", h["num_items_in_batch"], low=0.0,
-                                               low_open=True)
+        h["num_items_in_batch"] = _setting("num_items_in_batch", h["num_items_in_batch"], divisor=True, low=0.0,
+                                           low_open=True)
     check_path(h)
     return h
 

@@ -52,6 +52,7 @@ LR_SCHEDULES = ("constant", "cosine")
 ENTROPY_MODES = ("exact", "sampled")
 LOSS_OVERRIDES = ("gamma", "beta", "eta_clean", "eta_masked", "epsilon_low", "epsilon_high", "perception_kl")
 MIN_IMAGE_SIZE = 28  # Qwen2-VL's smallest image: one 2 x 2 block of 14-pixel vision patches
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes no larger one
 
 
 @dataclass
@@ -160,6 +161,8 @@ class TrainerConfig:
             value = getattr(self, name)
             if not _is_integer(value) or value < 0:
                 fail(name, "an integer >= 0")
+        if self.seed > MAX_SEED:
+            fail("seed", "an integer in [0, 2**64 - 1] (torch's seed range)")
         if self.group_size < 2:
             fail("group_size", "an integer >= 2 (group-relative advantages need at least two responses)")
         if self.image_size < MIN_IMAGE_SIZE:

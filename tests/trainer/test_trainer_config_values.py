@@ -78,6 +78,7 @@ def test_a_run_configured_with_numpy_scalars_logs_json(tmp_path):
     ("output_dir", "", "a non-empty path"),
     ("output_dir", 5, "a non-empty path"),
     ("steps", 2.0, "a positive integer"),
+    ("seed", 2**64, "an integer in [0, 2**64 - 1] (torch's seed range)"),
 ])
 def test_values_that_failed_only_inside_a_step_are_refused_up_front(name, value, allowed):
     with pytest.raises(TrainerInputError) as error:
