@@ -22,7 +22,10 @@ from .errors import TrainerInputError
 from .files import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
-PAYLOAD_KEYS = ("model", "optimizer", "scheduler", "next_step", "rng_states", "config", "vocabulary")
+# What each entry of the payload is; a file with other kinds there was not written by papo-train.
+PAYLOAD_TYPES = {"model": dict, "optimizer": dict, "scheduler": dict, "next_step": int, "rng_states": list,
+                 "config": dict, "vocabulary": dict}
+PAYLOAD_KEYS = tuple(PAYLOAD_TYPES)
 
 
 def rng_state(device: torch.device) -> Dict[str, Any]:
@@ -82,4 +85,9 @@ def load_checkpoint(output_dir) -> Dict[str, Any]:
     if missing:
         raise TrainerInputError(f"--resume: {path} is not a papo-train checkpoint of this version: it lacks "
                                 f"{list(missing)}")
+    wrong = [f"{key}: got {type(payload[key]).__name__}, expected {kind.__name__}"
+             for key, kind in PAYLOAD_TYPES.items()
+             if not isinstance(payload[key], kind) or isinstance(payload[key], bool)]
+    if wrong:
+        raise TrainerInputError(f"--resume: {path} is not a papo-train checkpoint: {'; '.join(wrong)}")
     return payload

@@ -235,7 +235,11 @@ class Trainer:
                                     f"{where} ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
                                     "checkpoints written before the state was keyed by parameter name cannot be "
                                     "resumed") from None
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        try:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise TrainerInputError(f"--resume: the checkpoint's learning-rate schedule cannot be loaded "
+                                    f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from None
         if self.accelerator.scaler is not None and checkpoint.get("scaler") is not None:
             self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng_states"][self.accelerator.process_index], self.accelerator.device)

@@ -41,6 +41,7 @@ from .errors import TrainerInputError
 # Full (unsharded) tensors, moved to the CPU; with FSDP only the main process receives them.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 LOAD_FULL_STATE = StateDictOptions(full_state_dict=True)
+LOCAL_STATE = StateDictOptions()  # each process's shards as they are, for the names
 
 
 def check_strategy(accelerator: Accelerator, config: TrainerConfig) -> None:
@@ -92,7 +93,14 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Tuple[Dict
 
 
 def load_full_model_state(model: nn.Module, model_state: Dict[str, torch.Tensor]) -> None:
-    """Load ``full_state``'s model state (given to every process), sharding it under FSDP."""
+    """Load ``full_state``'s model state (given to every process), sharding it under FSDP. Every tensor of the
+    model must be in it: ``set_model_state_dict`` raises for unexpected keys but loads past missing ones, which
+    would leave those weights as the fresh model has them."""
+    expected = get_model_state_dict(model, options=LOCAL_STATE).keys()  # names only: nothing is gathered
+    missing = sorted(set(expected) - set(model_state))
+    if missing:
+        raise RuntimeError(f"Missing key(s) in state_dict: {', '.join(missing[:5])}"
+                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     set_model_state_dict(model, model_state, options=LOAD_FULL_STATE)
 
 

@@ -53,6 +53,29 @@ def files_of(run_dir):
     return {path.name: path.read_bytes() for path in run_dir.iterdir()}
 
 
+def drop_first_weight(payload):
+    del payload["model"][next(iter(payload["model"]))]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda payload: payload.update(next_step="2"), "is not a papo-train checkpoint: next_step: got str, expected "
+                                                    "int"),
+    (lambda payload: payload.update(vocabulary=None), "is not a papo-train checkpoint: vocabulary: got NoneType, "
+                                                      "expected dict"),
+    (lambda payload: payload.update(scheduler={"x": 1}), "the checkpoint's learning-rate schedule cannot be loaded "
+                                                         "(KeyError"),
+    (drop_first_weight, "the checkpoint's weights do not fit the model of the tiny default (Missing key(s) in "
+                        "state_dict: model."),
+], ids=["next_step", "vocabulary", "scheduler", "missing_weight"])
+def test_a_checkpoint_with_the_right_keys_but_wrong_contents_is_refused(run_copy, capsys, change, message):
+    """A missing weight used to resume silently with that weight freshly initialised."""
+    run_dir = run_copy("constant")
+    payload = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)
+    change(payload)
+    torch.save(payload, run_dir / CHECKPOINT_NAME)
+    assert message in cli_error(capsys, ["--output-dir", str(run_dir), "--resume", "--steps", "3"])
+
+
 @pytest.mark.parametrize("name", ["metrics.jsonl", "training_curves.png"])
 def test_an_output_file_that_became_a_directory_is_refused_before_the_resume(run_copy, capsys, name):
     run_dir = run_copy("constant")
