@@ -13,7 +13,7 @@ from papo_kernels import PAPOLoss, linear_logprobs, linear_perception_kl, papo_l
 from backend_cases import triton_device
 
 B, T, D, V = 3, 6, 8, 29
-PATHS = [("fast", "torch"), ("fast", "triton"), ("per_token", "torch"), ("per_token", "triton"),
+PATHS = [("fast", "native"), ("fast", "torch"), ("fast", "triton"), ("per_token", "torch"), ("per_token", "triton"),
          ("per_token", "reference")]
 
 
@@ -73,6 +73,33 @@ def test_non_finite_values_at_masked_positions_change_nothing(path, backend, poi
     for input_name, clean_grad in clean[2].items():
         assert torch.isfinite(poisoned[2][input_name]).all(), f"non-finite gradient of {input_name}"
         assert torch.equal(poisoned[2][input_name], clean_grad), f"gradient of {input_name} changed"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("path, backend", PATHS, ids=str)
+def test_non_finite_masked_logprobs_at_masked_positions_change_nothing(path, backend, value):
+    """The authors' detached masked pass (masked_logprobs instead of hidden_masked)."""
+    device = triton_device() if backend == "triton" else "cpu"
+    batch = make_batch(device=device)
+    leaves = {name: batch[name].detach().clone().requires_grad_() for name in ("hidden", "weight")}
+
+    def loss_and_grads_with(masked_logprobs):
+        for leaf in leaves.values():
+            leaf.grad = None
+        loss, metrics = papo_loss(leaves["hidden"], leaves["weight"], batch["completion_ids"],
+                                  batch["completion_mask"], batch["advantages"], masked_logprobs=masked_logprobs,
+                                  old_logprobs=batch["old_logprobs"], gamma=0.05, path=path, backend=backend)
+        loss.backward()
+        return loss.detach(), metrics, {name: leaf.grad.clone() for name, leaf in leaves.items()}
+
+    clean = loss_and_grads_with(batch["old_logprobs"] - 0.1)
+    off = batch["completion_mask"] == 0
+    poisoned = loss_and_grads_with((batch["old_logprobs"] - 0.1).masked_fill(off, value))
+    assert torch.equal(poisoned[0], clean[0]), f"loss {poisoned[0]} != {clean[0]}"
+    for metric, clean_value in clean[1].items():
+        assert torch.equal(poisoned[1][metric], clean_value), metric
+    for name, clean_grad in clean[2].items():
+        assert torch.equal(poisoned[2][name], clean_grad), f"gradient of {name} changed"
 
 
 def test_masked_rows_get_zero_gradient():
@@ -186,7 +213,8 @@ def test_meta_tensors_get_a_clear_error():
         linear_logprobs(meta["hidden"], meta["weight"], meta["completion_ids"])
 
 
-AUTOCAST_CASES = [("fast", "torch"), ("per_token", "torch"), ("per_token", "reference")]
+AUTOCAST_CASES = [("fast", "native"), ("fast", "torch"), ("fast", "triton"), ("per_token", "torch"),
+                  ("per_token", "reference")]
 BFLOAT16_AUTOCAST = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
 
 
