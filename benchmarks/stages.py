@@ -5,10 +5,11 @@ chunks exactly as ``papo_kernels.fast_path.chunk_loop.run_chunks`` calls them, f
 public pieces (``MatrixProducts``, ``rows_per_chunk``, the epilogue module), each alone:
 
 - ``logits GEMM``: ``[h; h~] @ W^T`` per chunk (the rows stacked with torch.cat, as the loop does);
-- ``dH GEMMs``: ``dZ @ W`` twice per chunk (clean rows, masked rows), as the loop does;
-  ``dH GEMM stacked`` is the variant of one product for both (not what the loop does);
+- ``dH GEMM``: ``dZ @ W`` once per chunk over the rows of both passes, as the loop does (W read
+  once); ``dH GEMMs, two`` is the variant of one product per pass (W read twice), kept to
+  measure what stacking saves;
 - ``dW accumulate``: ``acc += dZ^T [h; h~]`` into the float32 (V, D) accumulator per chunk;
-- ``three GEMMs``: the three above together, per chunk;
+- ``three GEMMs``: the loop's three products (logits, stacked dH, dW) together, per chunk;
 - ``epilogue statistics`` and ``epilogue gradient``: the epilogue's two sweeps per chunk;
 - ``full path``: ``papo_loss(path="fast")`` forward + backward on the benchmark inputs;
 - ``other``: the full path minus the three GEMMs and both sweeps (the per-chunk objective,
@@ -30,7 +31,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
 
 import papo_kernels
 from papo_kernels.fast_path import resolve_epilogue
@@ -141,14 +141,16 @@ class ChunkStages:
             self.products.logits(torch.cat([self.hidden[rows], self.hidden_masked[rows]]),
                                  out=self.logits[:2 * count])
 
-    def grad_rows_products(self) -> None:
+    def grad_rows_per_pass(self) -> None:
         for rows, count in self.chunks():
             self.products.grad_rows(self.dz[:count], out=self.grad_hidden[rows])
             self.products.grad_rows(self.dz[count:2 * count], out=self.grad_hidden_masked[rows])
 
     def grad_rows_stacked(self) -> None:
-        for _, count in self.chunks():
+        for rows, count in self.chunks():
             self.products.grad_rows(self.dz[:2 * count], out=self.stacked[:2 * count])
+            self.grad_hidden[rows] = self.stacked[:count]
+            self.grad_hidden_masked[rows] = self.stacked[count:2 * count]
 
     def grad_weight_products(self) -> None:
         for _, count in self.chunks():
@@ -156,7 +158,7 @@ class ChunkStages:
 
     def three_products(self) -> None:
         self.logits_products()
-        self.grad_rows_products()
+        self.grad_rows_stacked()
         self.grad_weight_products()
 
     def statistics(self) -> None:
@@ -192,18 +194,18 @@ def stage_bytes(stage: str, n: int, d: int, v: int, chunks: int, itemsize: int, 
     logits, dz = 2 * n * v * 4, 2 * n * v * dz_itemsize
     table = {
         "logits GEMM": chunks * weight + rows + logits,
-        "dH GEMMs": 2 * chunks * weight + dz + rows,
-        "dH GEMM stacked": chunks * weight + dz + rows,
+        "dH GEMM": chunks * weight + dz + rows,
+        "dH GEMMs, two": 2 * chunks * weight + dz + rows,
         "dW accumulate": chunks * 2 * v * d * 4 + dz + rows,
         "epilogue statistics": logits,
         "epilogue gradient": logits + dz,
     }
-    table["three GEMMs"] = table["logits GEMM"] + table["dH GEMMs"] + table["dW accumulate"]
+    table["three GEMMs"] = table["logits GEMM"] + table["dH GEMM"] + table["dW accumulate"]
     table["full path"] = table["three GEMMs"] + table["epilogue statistics"] + table["epilogue gradient"]
     return table[stage]
 
 
-STAGE_FLOPS_PER_NDV = {"logits GEMM": 4, "dH GEMMs": 4, "dH GEMM stacked": 4, "dW accumulate": 4, "three GEMMs": 12,
+STAGE_FLOPS_PER_NDV = {"logits GEMM": 4, "dH GEMM": 4, "dH GEMMs, two": 4, "dW accumulate": 4, "three GEMMs": 12,
                        "epilogue statistics": 0, "epilogue gradient": 0, "full path": 12}
 
 
@@ -274,8 +276,8 @@ class StageRun:
         stages = ChunkStages(x, epilogue, workspace_bytes)
         chunk, chunks, itemsizes = stages.chunk, len(stages.starts), stages.itemsizes
         stages.prepare()
-        timed = {"logits GEMM": stages.logits_products, "dH GEMMs": stages.grad_rows_products,
-                 "dH GEMM stacked": stages.grad_rows_stacked, "dW accumulate": stages.grad_weight_products,
+        timed = {"logits GEMM": stages.logits_products, "dH GEMM": stages.grad_rows_stacked,
+                 "dH GEMMs, two": stages.grad_rows_per_pass, "dW accumulate": stages.grad_weight_products,
                  "three GEMMs": stages.three_products, "epilogue statistics": stages.statistics,
                  "epilogue gradient": stages.gradient}
         results = {}
