@@ -217,7 +217,7 @@ def _per_token_path(hidden, hidden_masked, weight, bias, tokens, batch: TokenBat
 def _fast_path(hidden, hidden_masked, weight, bias, tokens, batch: TokenBatch, objective: Objective,
                h: Dict[str, object], wants_grad: bool) -> Tuple[Tensor, Terms]:
     epilogue = resolve_epilogue(h["backend"], hidden.device, hidden.dtype)
-    options = FastPathOptions(h["temperature"], h["workspace_bytes"], epilogue.NAME)
+    options = FastPathOptions(h["temperature"], h["workspace_bytes"])
     call = FastPathCall(tokens, batch, objective, options, epilogue, wants_grad)
     loss, *terms = FastPAPOLossFunction.apply(hidden, hidden_masked, weight, bias, call)
     return loss, Terms(*terms)

@@ -5,7 +5,8 @@ The layers, top to bottom (shared STYLE.md):
 1. ``chunk_loop.py``: sizes the chunk from the workspace budget, calls the matrix products
    of the device's library and the epilogue, accumulates the gradients; nothing device-specific;
 2. ``epilogues/``: one per device, one contract (``epilogues/contract.py``): a logits chunk
-   in, per-row statistics and then dZ out (Triton on CUDA, plain torch everywhere);
+   in, per-row statistics and then dZ out (Triton on CUDA, native C++ from ``csrc/`` on CPU, plain
+   torch everywhere as the second opinion);
 3. ``function.py``: the ``autograd.Function`` that runs the loop in forward and scales the
    stored gradients in backward;
 4. the public function stays ``papo_kernels.papo_loss``, which picks this path for training.

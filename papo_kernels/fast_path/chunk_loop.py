@@ -37,7 +37,6 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 class FastPathOptions:
     temperature: float
     workspace_bytes: int
-    epilogue: str  # a resolved epilogue name: "torch", "triton" or "native"
 
 
 class FastPathResult(NamedTuple):
