@@ -8,13 +8,15 @@ see ``reference.py`` for the semantics.
 - ``reference``: materialises the logits; the one copy tests compare against.
 - ``torch``: chunked plain PyTorch with bounded temporaries; runs anywhere.
 - ``triton``: fused Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
-- ``auto``: ``triton`` for CUDA tensors when Triton imports (``torch`` for float64 ones), ``torch`` elsewhere.
+- ``auto``: ``triton`` for CUDA tensors when Triton imports (``torch`` for float64 ones, and with one warning
+  where Triton does not import), ``torch`` elsewhere.
 
 Triton is imported only when the ``triton`` backend is asked for, never at package import.
 """
 
 import functools
 import importlib.util
+import warnings
 from types import ModuleType, SimpleNamespace
 from typing import Union
 
@@ -41,6 +43,24 @@ def _triton_importable() -> bool:
     return True
 
 
+def _triton_on_cuda(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``auto`` takes Triton for inputs of ``device`` and ``dtype``: CUDA tensors of a Triton dtype, when
+    Triton imports. Where it does not, the torch code runs instead, with one warning per process."""
+    if device.type != "cuda" or dtype not in TRITON_DTYPES:
+        return False
+    if not _triton_importable():
+        _warn_without_triton()
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_without_triton() -> None:
+    warnings.warn("papo_kernels: triton does not import, so backend='auto' runs the plain torch code on CUDA "
+                  "tensors, several times slower than the fused Triton kernels; install triton "
+                  "(pip install \"papo-kernels[triton]\") for them", RuntimeWarning, stacklevel=4)
+
+
 def _triton_interpreted() -> bool:
     """Whether Triton runs its kernels through the CPU interpreter (TRITON_INTERPRET=1)."""
     from triton import knobs
@@ -63,7 +83,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Unio
     check_choice("backend", name, BACKENDS)
     device = torch.device(device)
     if name == "auto":
-        name = "triton" if device.type == "cuda" and dtype in TRITON_DTYPES and _triton_importable() else "torch"
+        name = "triton" if _triton_on_cuda(device, dtype) else "torch"
     if name != "triton":
         return _MODULES[name]
     if not _triton_importable():

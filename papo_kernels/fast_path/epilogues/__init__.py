@@ -5,8 +5,9 @@
 - ``native``: C++ from ``csrc/`` (``native_epilogue.py``), built on first use; CPU tensors. Where
   nothing can build it, the torch epilogue with one warning.
 - ``torch``: plain PyTorch ops; anywhere; the tests' second opinion.
-- ``auto``: ``triton`` on CUDA when Triton imports (not for float64), ``native`` on CPU (``torch``
-  with one warning where it does not build), ``torch`` elsewhere.
+- ``auto``: ``triton`` on CUDA when Triton imports (not for float64; ``torch`` with one warning where
+  Triton does not import), ``native`` on CPU (``torch`` with one warning where it does not build),
+  ``torch`` elsewhere.
 
 Triton is imported, and the native library built, only when its epilogue is asked for.
 """
@@ -14,7 +15,7 @@ Triton is imported, and the native library built, only when its epilogue is aske
 import torch
 
 from ..._checks import check_choice
-from ...backends import TRITON_DTYPES, _triton_importable, _triton_interpreted
+from ...backends import TRITON_DTYPES, _triton_importable, _triton_interpreted, _triton_on_cuda
 from . import native_epilogue, torch_epilogue
 
 EPILOGUES = ("auto", "torch", "triton", "native")
@@ -26,7 +27,7 @@ def resolve_epilogue(name: str, device: torch.device, dtype: torch.dtype):
     if name == "auto":
         if device.type == "cpu":
             return native_epilogue.resolve(strict=False)
-        name = "triton" if device.type == "cuda" and dtype in TRITON_DTYPES and _triton_importable() else "torch"
+        name = "triton" if _triton_on_cuda(device, dtype) else "torch"
     if name == "torch":
         return torch_epilogue
     if name == "native":
