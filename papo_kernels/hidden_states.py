@@ -26,11 +26,23 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _output_embeddings(model: nn.Module) -> nn.Module:
+    """The LM head, refused where ``hidden @ head.weight.T + head.bias`` is not what it computes (an adapter
+    over it) or where its weight is not there to read (partitioned)."""
     inner = unwrap_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if not isinstance(head, nn.Module) or not isinstance(getattr(head, "weight", None), Tensor):
         raise ValueError(f"model: {type(inner).__name__} has no output embeddings with a weight "
                          "(get_output_embeddings()); a causal LM head is needed")
+    base = getattr(head, "base_layer", None)
+    if isinstance(base, nn.Module):  # PEFT's tuner layers (LoRA and the like) wrap the layer they adapt
+        raise ValueError(f"model: its LM head is an adapter layer ({type(head).__name__} over "
+                         f"{type(base).__name__}, a PEFT tuner such as LoRA), whose output is not hidden @ "
+                         "weight.T + bias, so papo_loss would leave the adapter out; keep lm_head out of the "
+                         "adapter's target_modules (modules_to_save=['lm_head'] trains the whole head and works)")
+    if head.weight.numel() == 0:
+        raise ValueError(f"model: its LM head's weight is empty (shape {tuple(head.weight.shape)}): it is "
+                         "partitioned outside the model's forward (DeepSpeed ZeRO-3 does this), and papo_loss "
+                         "needs the whole weight; use FSDP2 or ZeRO stage 1 or 2")
     return head
 
 

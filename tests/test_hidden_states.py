@@ -89,3 +89,50 @@ def test_bad_arguments_are_named(model_and_inputs):
         completion_hidden_states(model, {"attention_mask": inputs["attention_mask"]}, 1)
     with pytest.raises(ValueError, match="output embeddings"):
         output_head(torch.nn.Linear(2, 2))
+
+
+def peft_model(target_modules, modules_to_save=None):
+    """The tiny Qwen2-VL under a real PEFT LoRA adapter (random adapter weights, so it changes the outputs)."""
+    peft = pytest.importorskip("peft")
+    processor = build_processor(synthetic_words(["color"]), 56)
+    model = build_model(processor.tokenizer, seed=0)
+    config = peft.LoraConfig(r=2, target_modules=target_modules, modules_to_save=modules_to_save,
+                             init_lora_weights=False)
+    return peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("target_modules, modules_to_save", [(["q_proj", "v_proj"], None), (["q_proj"], ["lm_head"])],
+                         ids=["lora-attention", "lm_head-to-save"])
+def test_peft_models_give_the_heads_own_input_and_weight(model_and_inputs, target_modules, modules_to_save):
+    _, inputs = model_and_inputs
+    model = peft_model(target_modules, modules_to_save)
+    hidden = completion_hidden_states(model, inputs, COMPLETION)
+    weight, bias = output_head(model)
+    assert bias is None and weight.requires_grad == (modules_to_save is not None)
+    logits = model(**inputs).logits[:, -COMPLETION - 1:-1]
+    torch.testing.assert_close(hidden @ weight.T, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_adapter_on_the_head_is_refused(model_and_inputs):
+    """LoRA on lm_head changes its output, which hidden @ weight.T would silently leave out (2.98 off here)."""
+    model = peft_model(["q_proj", "lm_head"])
+    with pytest.raises(ValueError, match="LM head is an adapter layer .*keep lm_head out of the adapter's target"):
+        output_head(model)
+    with pytest.raises(ValueError, match="LM head is an adapter layer"):
+        completion_hidden_states(model, model_and_inputs[1], COMPLETION)
+
+
+def test_a_partitioned_head_is_refused():
+    """DeepSpeed ZeRO-3 leaves an empty placeholder in a parameter outside the module's forward; this is that
+    state, made by hand (DeepSpeed needs an accelerator to partition)."""
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 10, bias=False)
+            self.lm_head.weight.data = torch.empty(0)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    with pytest.raises(ValueError, match=r"LM head's weight is empty \(shape \(0,\)\).*DeepSpeed ZeRO-3"):
+        output_head(Head())

@@ -167,3 +167,20 @@ def test_images_that_are_not_pil_are_refused(tiny):
     example["prompt"][0]["content"][0]["image"] = np.asarray(example["prompt"][0]["content"][0]["image"])
     with pytest.raises(ValueError, match=r"PIL images.*'image' or 'images' column.*prompt 0 has \['ndarray'\]"):
         trl_trainer._prompt_images([example])
+
+
+def test_a_lora_adapter_trains_through_trls_peft_config(tiny, tmp_path):
+    """TRL's own peft_config: a real PEFT LoRA on the attention; the loss reads the frozen head, and only the
+    adapter's weights move."""
+    peft = pytest.importorskip("peft")
+    folder, processor, dataset = tiny
+    args = PAPOConfig.from_preset("papo_d", **common_fields(processor, tmp_path, max_steps=2, learning_rate=1e-2))
+    trainer = PAPOTrainer(model=str(folder), reward_funcs=length_reward, args=args, train_dataset=dataset,
+                          processing_class=processor,
+                          peft_config=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    before = {name: value.detach().clone() for name, value in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [name for name, value in trainer.model.named_parameters() if not torch.equal(before[name], value)]
+    assert changed and all("lora_" in name for name in changed), changed
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(entry["papo/perception_kl"] > 0 for entry in logs)
