@@ -45,6 +45,16 @@ def loss_and_grads(batch, path, backend, forward_context=contextlib.nullcontext,
     return loss.detach(), metrics, {name: leaf.grad for name, leaf in leaves.items()}
 
 
+def assert_nothing_changed(poisoned, clean):
+    """The same loss, metrics and finite gradients, bit for bit, as the run with clean masked positions."""
+    assert torch.equal(poisoned[0], clean[0]), f"loss {poisoned[0]} != {clean[0]}"
+    for metric, clean_value in clean[1].items():
+        assert torch.equal(poisoned[1][metric], clean_value), metric
+    for input_name, clean_grad in clean[2].items():
+        assert torch.isfinite(poisoned[2][input_name]).all(), f"non-finite gradient of {input_name}"
+        assert torch.equal(poisoned[2][input_name], clean_grad), f"gradient of {input_name} changed"
+
+
 POISONS = {
     "nan advantages": ("advantages", float("nan")),
     "inf advantages": ("advantages", float("inf")),
@@ -67,12 +77,7 @@ def test_non_finite_values_at_masked_positions_change_nothing(path, backend, poi
     off = (batch["completion_mask"] == 0).to(device)
     batch[name] = batch[name].masked_fill(off[..., None] if batch[name].dim() == 3 else off, value)
     poisoned = loss_and_grads(batch, path, backend)
-    assert torch.equal(poisoned[0], clean[0]), f"loss {poisoned[0]} != {clean[0]}"
-    for metric, clean_value in clean[1].items():
-        assert torch.equal(poisoned[1][metric], clean_value), metric
-    for input_name, clean_grad in clean[2].items():
-        assert torch.isfinite(poisoned[2][input_name]).all(), f"non-finite gradient of {input_name}"
-        assert torch.equal(poisoned[2][input_name], clean_grad), f"gradient of {input_name} changed"
+    assert_nothing_changed(poisoned, clean)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("-inf")])
@@ -95,11 +100,7 @@ def test_non_finite_masked_logprobs_at_masked_positions_change_nothing(path, bac
     clean = loss_and_grads_with(batch["old_logprobs"] - 0.1)
     off = batch["completion_mask"] == 0
     poisoned = loss_and_grads_with((batch["old_logprobs"] - 0.1).masked_fill(off, value))
-    assert torch.equal(poisoned[0], clean[0]), f"loss {poisoned[0]} != {clean[0]}"
-    for metric, clean_value in clean[1].items():
-        assert torch.equal(poisoned[1][metric], clean_value), metric
-    for name, clean_grad in clean[2].items():
-        assert torch.equal(poisoned[2][name], clean_grad), f"gradient of {name} changed"
+    assert_nothing_changed(poisoned, clean)
 
 
 def test_masked_rows_get_zero_gradient():
