@@ -1,9 +1,6 @@
 """masked_forward="sequential": the joint form's loss and gradients in one and in two processes (DDP over gloo, one
 all-reduce), the masked pass's random draws replayed, and a lower peak memory than "joint"."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +10,9 @@ from transformers import Qwen2VLForConditionalGeneration
 from masked_forward_memory import measure, tiny_trainer_and_batch
 from papo_kernels.integrations.trl import PAPOConfig, PAPOTrainer
 from trl_setup import (build_processor_and_model_folder, colour_dataset, common_fields, generation_rows, length_reward,
-                       parameter_gradients)
+                       parameter_gradients, run_in_two_processes)
 
 WORKER = Path(__file__).with_name("trl_masked_forward_worker.py")
-REPOSITORY = Path(__file__).parents[2]
 NUM_PROMPTS = 2
 
 
@@ -53,15 +49,7 @@ def test_sequential_equals_joint_in_one_process(tmp_path):
 
 def test_sequential_equals_joint_in_two_processes(tmp_path):
     build_processor_and_model_folder(tmp_path / "model")
-    path = os.pathsep.join(filter(None, [str(REPOSITORY), str(WORKER.parent), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER),
-               str(tmp_path / "model"), str(tmp_path)]
-    completed = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
-    assert [result["processes"] for result in ranks] == [2, 2]
+    ranks = run_in_two_processes(WORKER, tmp_path / "model", tmp_path, "no")
     for result in ranks:
         torch.testing.assert_close(torch.tensor(result["sequential"]["loss"]), torch.tensor(result["joint"]["loss"]),
                                    rtol=1e-6, atol=1e-8)
