@@ -56,6 +56,8 @@ def tiny_trainer_and_batch(folder: Path, prompts: int, **fields):
                           processing_class=processor)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
+    if args.activation_checkpointing:  # as Trainer.train() turns it on
+        trainer.model.activation_checkpointing_enable(args.activation_checkpointing_kwargs)
     return trainer, trainer._prepare_inputs(generation_rows(dataset, prompts))
 
 

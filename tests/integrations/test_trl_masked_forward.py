@@ -5,15 +5,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2VLForConditionalGeneration
 
 from masked_forward_memory import measure, tiny_trainer_and_batch
-from papo_kernels.integrations.trl import PAPOConfig, PAPOTrainer
-from trl_setup import (build_processor_and_model_folder, colour_dataset, common_fields, generation_rows, length_reward,
-                       parameter_gradients, run_in_two_processes)
+from papo_kernels.integrations.trl import PAPOTrainer
+from trl_setup import build_processor_and_model_folder, parameter_gradients, run_in_two_processes
 
 WORKER = Path(__file__).with_name("trl_masked_forward_worker.py")
 NUM_PROMPTS = 2
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    build_processor_and_model_folder(folder / "model")
+    return run_in_two_processes(WORKER, folder / "model", folder, "no")
 
 
 def assert_same_gradients(got: dict, want: dict) -> None:
@@ -47,9 +52,11 @@ def test_sequential_equals_joint_in_one_process(tmp_path):
         torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), joint_loss, rtol=1e-6, atol=1e-8)
 
 
-def test_sequential_equals_joint_in_two_processes(tmp_path):
-    build_processor_and_model_folder(tmp_path / "model")
-    ranks = run_in_two_processes(WORKER, tmp_path / "model", tmp_path, "no")
+@pytest.mark.parametrize("find_unused_parameters", [True, False])
+def test_sequential_equals_joint_in_two_processes(two_process_results, find_unused_parameters):
+    """Gradient checkpointing on; DDP looking for unused parameters (TRL's setting for vision-language models) or
+    not (every parameter must then get its gradient in each synchronised backward)."""
+    ranks = [result[find_unused_parameters] for result in two_process_results]
     for result in ranks:
         torch.testing.assert_close(torch.tensor(result["sequential"]["loss"]), torch.tensor(result["joint"]["loss"]),
                                    rtol=1e-6, atol=1e-8)
@@ -71,17 +78,11 @@ def test_sequential_equals_joint_in_two_processes(tmp_path):
 def test_the_masked_pass_runs_again_with_its_random_draws(tmp_path, monkeypatch):
     """With dropout on, the masked pass's second run (with gradient) sees the first run's draws: the same hidden
     states, so the loss's gradient on them fits the pass that is differentiated."""
-    processor = build_processor_and_model_folder(tmp_path / "model")
-    config = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "model").config
-    config.text_config.attention_dropout = 0.5
-    Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "model", config=config).save_pretrained(tmp_path / "model")
-    dataset = colour_dataset(1)
-    args = PAPOConfig(**common_fields(processor, tmp_path / "out", bf16=False, masked_forward="sequential"))
-    trainer = PAPOTrainer(model=str(tmp_path / "model"), reward_funcs=length_reward, args=args, train_dataset=dataset,
-                          processing_class=processor)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    batch = trainer._prepare_inputs(generation_rows(dataset, 1))
+    trainer, batch = tiny_trainer_and_batch(tmp_path, 1, masked_forward="sequential")
+    dropout_layers = [module for module in trainer.model.modules() if hasattr(module, "attention_dropout")]
+    assert dropout_layers
+    for module in dropout_layers:
+        module.attention_dropout = 0.5
     calls = []
     hidden_and_head = trainer._hidden_and_head
 

@@ -1,11 +1,11 @@
 """PAPOTrainer's loss and backward in two CPU processes under DDP (gloo), masked_forward "joint" then "sequential".
 
 Usage: ``trl_masked_forward_worker.py MODEL_FOLDER OUTPUT_FOLDER`` under ``accelerate launch`` with 2 processes.
-Each process prepares its own micro-batch (its own responses), wraps the model as the trainer does
-(``accelerator.prepare_model``: DDP with TRL's settings, gradient checkpointing on, so every parameter must get
-its gradient in each synchronised backward), and writes ``rank<i>.pt``: per mode the loss, the gradients after the
-backward, and how many gradient buckets DDP all-reduced; and the gradients of the joint form without
-synchronisation (``no_sync``), the process's own.
+Each process prepares its own micro-batch (its own responses) and wraps the model as the trainer does
+(``accelerator.prepare_model``, gradient checkpointing on), once with DDP's ``find_unused_parameters=True`` (TRL's
+setting for vision-language models) and once with False (where every parameter must get its gradient in each
+synchronised backward). It writes ``rank<i>.pt``: per setting and mode the loss, the gradients after the backward
+and the gradient buckets DDP all-reduced; and the joint form's gradients under ``no_sync``, the process's own.
 """
 
 import sys
@@ -19,18 +19,21 @@ from trl_setup import colour_dataset, common_fields, generation_rows, length_rew
     tiny_processor
 
 
-def main(model_folder: str, output_folder: str) -> None:
+def losses_and_gradients(model_folder: str, output_folder: str, find_unused_parameters: bool) -> dict:
     processor = tiny_processor()
     args = PAPOConfig(**common_fields(processor, Path(output_folder) / "run", per_device_train_batch_size=4,
-                                      bf16=False, gradient_checkpointing=True, gamma=0.5))
+                                      bf16=False, gradient_checkpointing=True, gamma=0.5,
+                                      ddp_find_unused_parameters=find_unused_parameters))
     dataset = colour_dataset(2)
     trainer = PAPOTrainer(model=model_folder, reward_funcs=length_reward, args=args, train_dataset=dataset,
                           processing_class=processor)
     trainer.model.train()
+    trainer.model.activation_checkpointing_enable(args.activation_checkpointing_kwargs)  # as Trainer.train() does
     trainer.current_gradient_accumulation_steps = 1
     rank = trainer.accelerator.process_index
     batch = trainer._prepare_inputs(generation_rows(dataset, 2)[4 * rank:4 * rank + 4])
     model = trainer.accelerator.prepare_model(trainer.model)
+    assert model.find_unused_parameters is find_unused_parameters
     all_reduces = []
 
     def counting_allreduce(state, bucket):
@@ -38,7 +41,7 @@ def main(model_folder: str, output_folder: str) -> None:
         return allreduce_hook(state, bucket)
 
     model.register_comm_hook(None, counting_allreduce)
-    result = {"processes": trainer.accelerator.num_processes, "local": {}}
+    result = {}
     with model.no_sync():
         model.zero_grad()
         trainer.compute_loss(model, batch).backward()
@@ -51,7 +54,14 @@ def main(model_folder: str, output_folder: str) -> None:
         trainer.accelerator.backward(loss)
         result[mode] = {"loss": loss.item(), "gradients": parameter_gradients(trainer.model),
                         "all_reduces": list(all_reduces)}
-    torch.save(result, Path(output_folder) / f"rank{rank}.pt")
+    return result
+
+
+def main(model_folder: str, output_folder: str) -> None:
+    results = {find_unused: losses_and_gradients(model_folder, output_folder, find_unused) for find_unused in
+               (True, False)}
+    rank = torch.distributed.get_rank()
+    torch.save({"processes": torch.distributed.get_world_size(), **results}, Path(output_folder) / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
