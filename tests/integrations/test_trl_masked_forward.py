@@ -103,8 +103,8 @@ def test_the_masked_pass_runs_again_with_its_random_draws(tmp_path, monkeypatch)
 
 def test_sequential_lowers_the_peak_memory(tmp_path):
     """The process's peak over one loss and backward of 32 responses, in the second of two alternating rounds:
-    sequential holds one pass's activations (0.49-0.57 of joint's peak in the runs of this test on the project's
-    CPU machine), with the joint form's gradients."""
+    sequential holds one pass's activations (0.49 and 0.57 of joint's peak, measured the same way at this size on
+    the project's CPU machine), with the joint form's gradients."""
     trainer, batch = tiny_trainer_and_batch(tmp_path, 8)
     peaks, gradients = {}, {}
     for _ in range(2):
