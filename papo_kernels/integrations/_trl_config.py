@@ -164,7 +164,7 @@ class PAPOConfig(GRPOConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {list(allowed)}")
-        for name in ("masked_gradient", "allow_negative_coefficients"):
+        for name in ("masked_gradient", "allow_negative_coefficients", "use_bias_correction_kl"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         negative = {"gamma": "minimises the perception KL, the opposite of PAPO",

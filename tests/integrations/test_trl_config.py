@@ -94,6 +94,7 @@ def test_linear_gamma_schedule():
                             r"maximises the clean pass's entropy"),
     (dict(eta_masked=-0.03), "eta_masked: got -0.03, expected a finite number >= 0"),
     (dict(allow_negative_coefficients="yes"), "allow_negative_coefficients: got 'yes', expected True or False"),
+    (dict(use_bias_correction_kl=None), "use_bias_correction_kl: got None, expected True or False"),
     (dict(masked_forward="interleaved"), r"masked_forward: got 'interleaved', expected one of \['joint', "
                                          r"'sequential'\]"),
     (dict(masked_forward="sequential", fp16=True), "masked_forward.*'joint' with fp16=True"),
