@@ -1,6 +1,5 @@
 """PAPOConfig: the paper's settings in full, refused options, and the import guard of the TRL integration."""
 
-import os
 import subprocess
 import sys
 
@@ -110,18 +109,17 @@ def test_negative_coefficients_only_for_ablations():
     assert PAPOConfig.from_preset("papo_d", gamma=0.0, eta_clean=0.0, eta_masked=0.0, **CPU).uses_masked_image is False
 
 
-def test_a_backend_that_cannot_run_on_the_device_is_refused_at_construction():
-    """backend='triton' on the CPU without Triton's interpreter (this suite runs with it: a child process
-    without TRITON_INTERPRET is a CPU machine without CUDA)."""
-    code = ("from papo_kernels.integrations.trl import PAPOConfig\n"
-            "PAPOConfig(output_dir='unused', use_cpu=True, report_to=[], backend='torch')\n"
-            "PAPOConfig(output_dir='unused', use_cpu=True, report_to=[], backend='triton')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"})
-    assert result.returncode != 0
-    assert ("ValueError: PAPOConfig.backend: got 'triton', which cannot run on this trainer's device (cpu): "
-            "backend='triton' runs on CUDA tensors") in result.stderr
-    assert PAPOConfig(backend="triton", **CPU).backend == "triton", "with the interpreter it runs on the CPU"
+def test_a_backend_that_cannot_run_on_the_device_is_refused_at_construction(monkeypatch):
+    """backend='triton' on the CPU runs only under Triton's interpreter, which this suite turns on; with Triton's
+    interpreter knob off, this is a CPU machine without CUDA."""
+    assert PAPOConfig(backend="triton", **CPU).backend == "triton"
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.runtime, "interpret", False)
+    assert PAPOConfig(backend="torch", **CPU).backend == "torch"
+    with pytest.raises(ValueError, match=r"PAPOConfig.backend: got 'triton', which cannot run on this trainer's device "
+                                         r"\(cpu\): backend='triton' runs on CUDA tensors"):
+        PAPOConfig(backend="triton", **CPU)
 
 
 @pytest.mark.parametrize("fields, message", [
