@@ -40,9 +40,10 @@ from .ops.perception_kl import compute_linear_perception_kl
 PATHS = ("auto", "fast", "per_token")
 FLOAT32 = torch.finfo(torch.float32)
 LOSS_BACKENDS = tuple(dict.fromkeys(BACKENDS + EPILOGUES))
-HYPERPARAMETERS = ("temperature", "epsilon_low", "epsilon_high", "dual_clip", "beta", "gamma", "perception_kl",
-                   "eta_clean", "eta_masked", "entropy", "loss_type", "importance_sampling_level",
-                   "max_completion_length", "num_items_in_batch", "path", "backend", "workspace_bytes")
+HYPERPARAMETERS = ("temperature", "epsilon_low", "epsilon_high", "dual_clip", "beta", "ref_kl_importance_weighted",
+                   "gamma", "perception_kl", "eta_clean", "eta_masked", "entropy", "loss_type",
+                   "importance_sampling_level", "max_completion_length", "num_items_in_batch", "path", "backend",
+                   "workspace_bytes")
 METRIC_NAMES = ("policy_loss", "clip_fraction_low", "clip_fraction_high", "perception_kl", "ref_kl", "entropy",
                 "entropy_masked", "ratio_mean")
 
@@ -86,6 +87,8 @@ def check_hyperparameters(hyperparameters: Dict[str, object]) -> Dict[str, objec
     if h["dual_clip"] is not None:
         h["dual_clip"] = _setting("dual_clip", h["dual_clip"], low=1.0, low_open=True)
     h["beta"] = _setting("beta", h["beta"], low=0.0)
+    if not isinstance(h["ref_kl_importance_weighted"], bool):
+        raise TypeError(f"ref_kl_importance_weighted must be True or False, got {h['ref_kl_importance_weighted']!r}")
     for name in ("gamma", "eta_clean", "eta_masked"):
         h[name] = _setting(name, h[name])
     check_choice("perception_kl", h["perception_kl"], PERCEPTION_KL_ESTIMATORS)
@@ -255,6 +258,7 @@ def papo_loss(
     epsilon_high: float = 0.28,
     dual_clip: Optional[float] = None,
     beta: float = 0.0,
+    ref_kl_importance_weighted: bool = False,
     gamma: float = 0.01,
     perception_kl: str = "k3",
     eta_clean: float = 0.03,
@@ -306,6 +310,9 @@ def papo_loss(
         epsilon_low, epsilon_high: clip range of the ratio, [1 - eps_low, 1 + eps_high].
         dual_clip: c > 1 bounds the loss of negative-advantage tokens by -c A; None is off.
         beta: coefficient of the reference KL (k3), >= 0.
+        ref_kl_importance_weighted: the reference KL is r * k3, with r the policy-gradient term's
+            ratio before its clip, gradient included (TRL's ``use_bias_correction_kl``), and so is
+            the ``ref_kl`` metric; False is the plain k3 (the paper's).
         gamma: coefficient of the perception KL (maximised).
         perception_kl: ``"k1"``, ``"k2"``, ``"k3"`` (sampled estimators of the log-ratio at
             the response token, k3 clamped as the authors do) or ``"exact"`` (full-vocabulary
@@ -341,10 +348,10 @@ def papo_loss(
     """
     hyperparameters = dict(
         temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
-        gamma=gamma, perception_kl=perception_kl, eta_clean=eta_clean, eta_masked=eta_masked, entropy=entropy,
-        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, path=path,
-        backend=backend, workspace_bytes=workspace_bytes)
+        ref_kl_importance_weighted=ref_kl_importance_weighted, gamma=gamma, perception_kl=perception_kl,
+        eta_clean=eta_clean, eta_masked=eta_masked, entropy=entropy, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch, path=path, backend=backend, workspace_bytes=workspace_bytes)
     h = _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked,
                            masked_logprobs, old_logprobs, ref_logprobs, policy_weights, bias, hyperparameters)
     check_completion_values(completion_ids, completion_mask, weight.shape[0], h["max_completion_length"])
@@ -360,7 +367,7 @@ def papo_loss(
                              dtype, h)
         objective = Objective(h["epsilon_low"], h["epsilon_high"], h["dual_clip"], h["beta"], h["gamma"],
                               h["perception_kl"], h["eta_clean"], h["eta_masked"], h["entropy"],
-                              h["importance_sampling_level"])
+                              h["importance_sampling_level"], h["ref_kl_importance_weighted"])
         dim = hidden.shape[-1]
         rows = hidden.reshape(-1, dim)[index]
         rows_masked = None if hidden_masked is None else hidden_masked.reshape(-1, dim)[index]

@@ -43,6 +43,7 @@ class Objective:
     eta_masked: float
     entropy: str
     importance_sampling_level: str
+    ref_kl_importance_weighted: bool = False
 
 
 class Statistics(NamedTuple):
@@ -147,6 +148,8 @@ def token_losses(stats: Statistics, batch: TokenBatch, objective: Objective):
     ref_kl = None
     if batch.ref_logprobs is not None:
         ref_kl = sampled_kl(logprobs, batch.ref_logprobs, "k3")
+        if objective.ref_kl_importance_weighted:  # TRL's use_bias_correction_kl: r k3, with r's gradient
+            ref_kl = ratio * ref_kl
         if objective.beta > 0:
             losses = losses + objective.beta * ref_kl
 
