@@ -89,7 +89,7 @@ CHILD = textwrap.dedent("""
         compile_kernel("statistics partials", epilogue._statistics_partials_kernel, pointers,
                        dict(HAS_BIAS=True, PAIRED=True, **blocks), capability, config.num_warps, 1)
     compile_kernel("finalize statistics", epilogue._finalize_statistics_kernel, pointers,
-                   dict(PAIRED=True, BLOCK_N=config.finalize_block_n), 90, 4, 1)
+                   dict(PAIRED=True, BLOCK_N=config.finalize_block_n), 90, config.finalize_num_warps, 1)
     every_flag = dict.fromkeys(("HAS_BIAS", "LOGPROBS_GRAD", "ENTROPY_GRAD", "LOGPROBS_MASKED_GRAD",
                                 "ENTROPY_MASKED_GRAD", "KL_GRAD", "CLEAN_DZ", "MASKED_DZ", "CLEAN_LOGITS",
                                 "MASKED_LOGITS"), True)

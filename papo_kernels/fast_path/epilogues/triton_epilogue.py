@@ -54,15 +54,18 @@ class EpilogueConfig:
     split_v: int  # vocabulary columns per split (a multiple of block_v)
     num_warps: int
     finalize_block_n: int  # rows per program of the finalize kernel
+    finalize_num_warps: int
 
 
 # One row per program keeps the two (1 x BLOCK_V) tiles of each pass in registers; 8192 columns a
 # split give 19 splits at V = 152064, so a chunk of 1024 tokens launches about 19 500 programs
 # (148 per SM on an H200) and the last wave is short. Not yet measured on hardware.
-CUDA_CONFIG = EpilogueConfig(block_n=1, block_v=2048, split_v=8192, num_warps=8, finalize_block_n=128)
+CUDA_CONFIG = EpilogueConfig(block_n=1, block_v=2048, split_v=8192, num_warps=8, finalize_block_n=128,
+                             finalize_num_warps=4)
 # The interpreter runs programs one by one: small tiles, and splits of two tiles so that test
 # vocabularies have several splits and a tail.
-INTERPRETER_CONFIG = EpilogueConfig(block_n=4, block_v=32, split_v=64, num_warps=1, finalize_block_n=8)
+INTERPRETER_CONFIG = EpilogueConfig(block_n=4, block_v=32, split_v=64, num_warps=1, finalize_block_n=8,
+                                    finalize_num_warps=1)
 
 
 def config_for(capability_major: int) -> EpilogueConfig:
@@ -70,7 +73,8 @@ def config_for(capability_major: int) -> EpilogueConfig:
     return CUDA_CONFIG
 
 
-def _config() -> EpilogueConfig:
+def active_config() -> EpilogueConfig:
+    """The config the launchers use here: the interpreter's, or CUDA's."""
     # the sweeps are memory-bound and need no per-device tuning, so no device query here
     return INTERPRETER_CONFIG if knobs.runtime.interpret else config_for(9)
 
@@ -296,7 +300,7 @@ def statistics_partials(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], 
                         config: Optional[EpilogueConfig] = None) -> Tensor:
     """The partial statistics of each vocabulary split: a float32 (fields, splits, C) tensor, the fields of
     ``PARTIAL_FIELDS`` (the first four when not paired), splits = ceil(V / split_v)."""
-    config = config or _config()
+    config = config or active_config()
     n, vocab_size = tokens.shape[0], logits.shape[1]
     assert logits.stride(1) == 1 and logits.shape[0] == (2 if paired else 1) * n
     assert config.split_v % config.block_v == 0
@@ -318,7 +322,7 @@ def statistics_partials(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], 
 def finalize_statistics(partials: Tensor, paired: bool, config: Optional[EpilogueConfig] = None) -> RowStatistics:
     """The per-token statistics from the partials of every vocabulary split (``statistics_partials``' layout;
     the splits of several vocabulary shards may be concatenated along the second axis)."""
-    config = config or _config()
+    config = config or active_config()
     fields, splits, n = partials.shape
     assert fields == (len(PARTIAL_FIELDS) if paired else SINGLE_PASS_FIELDS) and partials.stride(2) == 1
     outputs = torch.empty((7 if paired else 3, n), dtype=torch.float32, device=partials.device)
@@ -329,7 +333,7 @@ def finalize_statistics(partials: Tensor, paired: bool, config: Optional[Epilogu
             n, splits,
             partials.stride(0), partials.stride(1),
             PAIRED=paired,
-            BLOCK_N=config.finalize_block_n, num_warps=4 if config.finalize_block_n >= 128 else 1,
+            BLOCK_N=config.finalize_block_n, num_warps=config.finalize_num_warps,
         )
     # kernel order (l, H, lse, l~, H~, lse~, KL) is RowStatistics' order
     return RowStatistics(*outputs)
@@ -343,7 +347,7 @@ def statistics(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperatu
 def logit_gradient(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
                    stats: RowStatistics, grads: UpstreamGradients, out: Tensor,
                    config: Optional[EpilogueConfig] = None) -> None:
-    config = config or _config()
+    config = config or active_config()
     n, vocab_size = tokens.shape[0], logits.shape[1]
     assert out.stride(1) == 1 and out.shape == logits.shape
     stand_in = stats.lse  # for pointers that the constexpr flags never let the kernel read
