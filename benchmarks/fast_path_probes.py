@@ -15,9 +15,13 @@ hands its rows to ``record`` (``stages.StageRun.record``), so they land in ``sta
   the bytes it must read (the float32 logits of both passes) against the measured copy bandwidth.
 - ``logits_error``: the logits product as the fast path makes it on CUDA (half inputs, float32
   results through ``out_dtype``) and as float32 products of the upcast inputs, each against
-  float64: the mean signed error (a bias would not average out over the tokens of the loss)
-  and the RMS error, and the mean entropy error they cause. A diagnostic of the loss rows of
-  the correctness part.
+  float64: the mean signed error, the mean error of |z| (a rounding toward zero shrinks every
+  logit: a bias that does not average out over the tokens of the loss), the RMS error, and the
+  mean entropy error they cause. A diagnostic of the loss rows of the correctness part.
+- ``grad_weight_flag_in_the_loss``: papo_loss's weight gradient (the device's default epilogue)
+  with dW by ``addmm`` and by the reduce-add kernel (each at its default workspace): their max
+  difference beside one rounding of the returned dtype. The kernel inside the chunk loop
+  (slices, the first chunk's store, alpha), not only alone.
 """
 
 import dataclasses
@@ -25,10 +29,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+import papo_kernels
 from papo_kernels.fast_path.chunk_loop import MatrixProducts
 from papo_kernels.fast_path.grad_weight import reduce_add_unavailable
 
-from .implementations import Shape
+from .implementations import PAPO_LOSS_CONFIG, TEMPERATURE, Inputs, Shape, grad_weight_flag
 
 Record = Callable[..., None]  # StageRun.record
 
@@ -93,17 +98,20 @@ def statistics_sweeps(shape: Shape, device: torch.device, timer, record: Record,
             reached = byte_count / (timing[0] * 1e6)
             record(f"statistics sweep, {label}", "triton", None, tokens, 1, timing, 0,
                    floors=(None, byte_count / (copy_gb_per_s * 1e6)),
-                   note=f"{-(-shape.v // chosen.split_v)} splits of {chosen.split_v} columns; {reached:.0f} GB/s "
+                   note=f"vocabulary splits: {-(-shape.v // chosen.split_v)} of {chosen.split_v} columns; {reached:.0f} GB/s "
                         f"read = {reached / copy_gb_per_s:.2f} of the copy bandwidth")
         logits = token_ids = None
 
 
 def _error_summary(logits: torch.Tensor, truth: torch.Tensor) -> str:
     error = logits.double() - truth
-    bias = float(error.mean() / truth.abs().mean())
-    rms = float(error.pow(2).mean().sqrt() / truth.abs().mean())
+    scale = truth.abs().mean()
+    signed = float(error.mean() / scale)
+    magnitude = float((error * truth.sign()).mean() / scale)
+    rms = float(error.pow(2).mean().sqrt() / scale)
     entropy_error = float((_entropy(logits.double()) - _entropy(truth)).mean())
-    return f"mean signed error {bias:.3g}, RMS {rms:.3g} (of mean |z|); mean entropy error {entropy_error:.3g} nats"
+    return (f"mean signed error {signed:.3g}, mean error of |z| {magnitude:.3g}, RMS {rms:.3g} (each of mean |z|); "
+            f"mean entropy error {entropy_error:.3g} nats")
 
 
 def _entropy(z: torch.Tensor) -> torch.Tensor:
@@ -123,3 +131,29 @@ def logits_error(hidden: torch.Tensor, weight: torch.Tensor, record: Record, row
     for label, logits in made.items():
         record(f"logits error, {label}", "-", None, hidden.shape[0], 1, None, 0,
                note=_error_summary(logits, truth))
+
+
+def grad_weight_flag_in_the_loss(x: Inputs, record: Record) -> None:
+    """The weight gradient of papo_loss's fast path with dW by addmm and by the reduce-add kernel, compared."""
+    reason = reduce_add_unavailable(x.weight.device, x.weight.dtype, *x.weight.shape)
+    if reason is not None:
+        record("dW kernel in the loss", "auto", None, None, None, None, 0, note=f"skipped: {reason}")
+        return
+    gradients = {}
+    for kernel in ("addmm", "reduce_add"):
+        x.zero_grad()
+        with grad_weight_flag(kernel):
+            loss, _ = papo_kernels.papo_loss(
+                x.batched(x.hidden), x.weight, x.batched(x.tokens), x.mask, x.advantages,
+                hidden_masked=x.batched(x.hidden_masked), temperature=TEMPERATURE, path="fast", **PAPO_LOSS_CONFIG)
+        loss.backward()
+        gradients[kernel] = x.weight.grad.float()
+    x.zero_grad()
+    want, got = gradients["addmm"], gradients["reduce_add"]
+    difference = float((got - want).abs().max() / want.abs().max())
+    # float32 sums in another order (and, with the flag's own workspace, other chunks) may round the returned
+    # gradient to a neighbour: at most one rounding of its dtype, eps / 2 of the largest value
+    rounding = torch.finfo(x.weight.dtype).eps / 2
+    record("dW kernel in the loss", "auto", None, None, None, None, 0, dw="reduce_add",
+           note=f"max |reduce-add - addmm| / max |addmm| = {difference:.3g} (one rounding of "
+                f"{str(x.weight.dtype).removeprefix('torch.')}: {rounding:.3g})")

@@ -68,8 +68,9 @@ class Probes:
 
 
 GPU_SHAPE = Shape(16384, 3584, 152064)  # Qwen2.5-VL-7B's head, the headline shape
-GPU_PLAN = (Budget("triton", 256 * MiB), Budget("triton", 1024 * MiB), Budget("triton", 2048 * MiB),
-            Budget("triton", None), Budget("triton", None, "reduce_add"), Budget("triton", 2048 * MiB, "reduce_add"))
+# the most wanted first, in case the time limit cuts the part short: the default, the low-memory setting, the flag
+GPU_PLAN = (Budget("triton", None), Budget("triton", 256 * MiB), Budget("triton", None, "reduce_add"),
+            Budget("triton", 2048 * MiB, "reduce_add"), Budget("triton", 1024 * MiB), Budget("triton", 2048 * MiB))
 # 512 tokens: the reduce-add policy at the headline shape; 1093: the 2 GiB chunk of 2026-12-04; 2048: the 4 GiB one
 GPU_PROBES = Probes(k_rows=(1024, 2048, 4096), token_counts=(512, 1093, 2048), logits_rows=1024)
 TINY_SHAPE = Shape(32, 16, 72)
@@ -355,6 +356,7 @@ class StageRun:
                 self.shape, self.device, self.timer, self.record, probes.token_counts, copy_rate),
             "logits error": lambda: fast_path_probes.logits_error(x.hidden, x.weight, self.record,
                                                                   probes.logits_rows),
+            "dW kernel in the loss": lambda: fast_path_probes.grad_weight_flag_in_the_loss(x, self.record),
         }
         for name, run in parts.items():
             if self.out_of_time():

@@ -108,7 +108,11 @@ def test_the_kernel_probes_measure_both_dw_kernels_and_both_statistics_schedules
                   and int(row["chunk_tokens"]) == tokens and float(row["median_ms"]) > 0}
         assert sweeps == {"statistics sweep, one split", "statistics sweep, split V"}
     errors = [row["note"] for row in rows if row["stage"].startswith("logits error")]
-    assert len(errors) == 2 and all("mean signed error" in note for note in errors)
+    assert len(errors) == 2 and all("mean error of |z|" in note for note in errors)
+    (in_the_loss,) = [row["note"] for row in rows if row["stage"] == "dW kernel in the loss"]
+    difference = re.search(r"max \|reduce-add - addmm\| / max \|addmm\| = ([0-9.e+-]+) \(one rounding of float32",
+                           in_the_loss)
+    assert float(difference.group(1)) < 1e-5
 
 
 def test_sweep_has_both_distributions_and_the_fast_path(tiny_run):
