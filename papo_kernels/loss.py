@@ -30,7 +30,7 @@ from ._checks import check_int, check_int_tensor, check_number, check_same_devic
 from ._checks import check_tensor
 from ._guards import no_autocast
 from .backends import BACKENDS, reference
-from .fast_path import DEFAULT_WORKSPACE_BYTES, EPILOGUES, FastPAPOLossFunction, FastPathCall, FastPathOptions
+from .fast_path import EPILOGUES, FastPAPOLossFunction, FastPathCall, FastPathOptions
 from .fast_path import resolve_epilogue
 from .objective import ENTROPY_MODES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, PERCEPTION_KL_ESTIMATORS, Objective
 from .objective import Statistics, TokenBatch, Terms, aggregation_weights, token_losses
@@ -97,7 +97,8 @@ def check_hyperparameters(hyperparameters: Dict[str, object]) -> Dict[str, objec
     check_choice("importance_sampling_level", h["importance_sampling_level"], IMPORTANCE_SAMPLING_LEVELS)
     check_choice("path", h["path"], PATHS)
     check_choice("backend", h["backend"], LOSS_BACKENDS)
-    h["workspace_bytes"] = int(check_number("workspace_bytes", h["workspace_bytes"], low=1.0))
+    if h["workspace_bytes"] is not None:  # None: the fast path's policy (fast_path/workspace.py)
+        h["workspace_bytes"] = int(check_number("workspace_bytes", h["workspace_bytes"], low=1.0))
     if h["loss_type"] == "dr_grpo":
         if h["max_completion_length"] is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int), got None")
@@ -270,7 +271,7 @@ def papo_loss(
     num_items_in_batch=None,
     path: str = "auto",
     backend: str = "auto",
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    workspace_bytes: Optional[int] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The PAPO loss of a batch of responses, straight from final hidden states.
 
@@ -336,8 +337,12 @@ def papo_loss(
             takes the per-token path), for the fast path the epilogue, ``"torch"``,
             ``"triton"`` or ``"native"`` (which has no per-token op, so it takes the fast
             path under ``no_grad`` too).
-        workspace_bytes: the fast path's budget for its logits chunk and the epilogue's
-            temporaries (256 MiB by default).
+        workspace_bytes: the fast path's budget in bytes for one chunk of rows (its float32
+            logits, the half-precision dZ on CUDA, the epilogue's temporaries, the chunk's hidden
+            rows and their gradients), at least 1. None (the default) picks it from the device:
+            on CUDA min(4 GiB, 10% of free memory), since each chunk re-reads the float32 weight
+            gradient and fewer chunks are faster; on the CPU 256 MiB.
+            ``papo_kernels.fast_path.LOW_MEMORY_WORKSPACE_BYTES`` (256 MiB) is the low-memory setting.
 
     Returns:
         ``(loss, metrics)``: the scalar loss and a dict of detached 0-dim tensors, means

@@ -4,7 +4,8 @@ The interpreter runs the kernels as Python and accepts code that the compiler re
 (a name defined only under a constexpr branch, mismatched loop-carried types, dot shapes).
 A child process without TRITON_INTERPRET compiles them ahead of time, down to a cubin with
 Triton's bundled ptxas, for the sm_90 block config, in bfloat16: the dtype the CPU tests
-cannot run. The fast path's epilogue kernels compile the same way. (float16 and float32, and sm_80, compile as well; they are left out for time.)
+cannot run. (float16 and float32, and sm_80, compile as well; they are left out for time.) The fast path's
+kernels are compiled, with their limits checked, in tests/test_fast_path_compile.py.
 """
 
 import os
@@ -56,18 +57,6 @@ CHILD = textwrap.dedent("""
         compile_kernel(kernels._linear_perception_kl_bwd_kernel,
                        dict(flags, DOT_PRECISION=precision, GRAD_DOT_PRECISION=grad_precision, **blocks), config)
 
-    # The fast path's epilogue: float32 logits in, a bfloat16 bias, dz out in bfloat16.
-    from papo_kernels.fast_path.epilogues import triton_epilogue as epilogue
-    block_n, block_v, warps = epilogue.CUDA_BLOCKS
-    epilogue_config = type(config)(block_n, block_v, 0, warps, 1)
-    epilogue_blocks = dict(BLOCK_N=block_n, BLOCK_V=block_v)
-    compile_kernel(epilogue._epilogue_statistics_kernel, dict(HAS_BIAS=True, PAIRED=True, **epilogue_blocks),
-                   epilogue_config, input_pointers=("bias_ptr",))
-    gradient_flags = dict.fromkeys(("HAS_BIAS", "LOGPROBS_GRAD", "ENTROPY_GRAD", "LOGPROBS_MASKED_GRAD",
-                                    "ENTROPY_MASKED_GRAD", "KL_GRAD", "CLEAN_DZ", "MASKED_DZ", "CLEAN_LOGITS",
-                                    "MASKED_LOGITS"), True)
-    compile_kernel(epilogue._epilogue_gradient_kernel, dict(gradient_flags, **epilogue_blocks), epilogue_config,
-                   input_pointers=("bias_ptr", "out_ptr"))
     print("compiled")
 """)
 
