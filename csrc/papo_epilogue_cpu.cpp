@@ -342,36 +342,36 @@ Logits<T> logits_view(const at::Tensor& logits, const std::optional<at::Tensor>&
                    bias.has_value() ? bias->const_data_ptr<T>() : nullptr, static_cast<T>(temperature)};
 }
 
-at::Tensor epilogue_statistics(const at::Tensor& logits, const at::Tensor& tokens,
-                               const std::optional<at::Tensor>& bias, double temperature, bool paired) {
+// The per-token outputs of a chunk's rows: the statistics (7 or 3, C), or with `partials` the partials (9 or 4, C).
+at::Tensor row_outputs(const char* op, const at::Tensor& logits, const at::Tensor& tokens,
+                       const std::optional<at::Tensor>& bias, double temperature, bool paired, bool partials) {
   check_chunk(logits, tokens, bias, temperature);
   const int64_t n = tokens.size(0);
-  TORCH_CHECK(logits.size(0) == (paired ? 2 : 1) * n, "papo_kernels epilogue_statistics: paired=", paired,
-              " needs ", (paired ? 2 : 1) * n, " logits rows for ", n, " tokens, got ", logits.size(0));
+  TORCH_CHECK(logits.size(0) == (paired ? 2 : 1) * n, "papo_kernels ", op, ": paired=", paired, " needs ",
+              (paired ? 2 : 1) * n, " logits rows for ", n, " tokens, got ", logits.size(0));
   const at::Tensor tokens_ = tokens.contiguous();
   const std::optional<at::Tensor> bias_ = token_column(bias, logits, logits.size(1), "bias");
-  at::Tensor statistics = at::empty({paired ? 7 : 3, n}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "epilogue_statistics", [&] {
-    statistics_kernel(logits_view<scalar_t>(logits, bias_, temperature), tokens_.const_data_ptr<int64_t>(), n,
-                      paired, statistics.mutable_data_ptr<scalar_t>());
+  const int64_t fields = partials ? (paired ? 9 : 4) : (paired ? 7 : 3);
+  at::Tensor outputs = at::empty({fields, n}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "epilogue_row_outputs", [&] {
+    const Logits<scalar_t> view = logits_view<scalar_t>(logits, bias_, temperature);
+    if (partials) {
+      partials_kernel(view, tokens_.const_data_ptr<int64_t>(), n, paired, outputs.mutable_data_ptr<scalar_t>());
+    } else {
+      statistics_kernel(view, tokens_.const_data_ptr<int64_t>(), n, paired, outputs.mutable_data_ptr<scalar_t>());
+    }
   });
-  return statistics;
+  return outputs;
+}
+
+at::Tensor epilogue_statistics(const at::Tensor& logits, const at::Tensor& tokens,
+                               const std::optional<at::Tensor>& bias, double temperature, bool paired) {
+  return row_outputs("epilogue_statistics", logits, tokens, bias, temperature, paired, /*partials=*/false);
 }
 
 at::Tensor epilogue_row_partials(const at::Tensor& logits, const at::Tensor& tokens,
                                  const std::optional<at::Tensor>& bias, double temperature, bool paired) {
-  check_chunk(logits, tokens, bias, temperature);
-  const int64_t n = tokens.size(0);
-  TORCH_CHECK(logits.size(0) == (paired ? 2 : 1) * n, "papo_kernels epilogue_row_partials: paired=", paired,
-              " needs ", (paired ? 2 : 1) * n, " logits rows for ", n, " tokens, got ", logits.size(0));
-  const at::Tensor tokens_ = tokens.contiguous();
-  const std::optional<at::Tensor> bias_ = token_column(bias, logits, logits.size(1), "bias");
-  at::Tensor partials = at::empty({paired ? 9 : 4, n}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "epilogue_row_partials", [&] {
-    partials_kernel(logits_view<scalar_t>(logits, bias_, temperature), tokens_.const_data_ptr<int64_t>(), n,
-                    paired, partials.mutable_data_ptr<scalar_t>());
-  });
-  return partials;
+  return row_outputs("epilogue_row_partials", logits, tokens, bias, temperature, paired, /*partials=*/true);
 }
 
 void logit_gradient_into(const at::Tensor& logits, const at::Tensor& tokens, const std::optional<at::Tensor>& bias,
