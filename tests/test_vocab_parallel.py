@@ -93,6 +93,16 @@ def test_partial_hidden_gradients_sum_over_the_ranks_to_the_gradient(ranks):
                  atol=1e-12)
 
 
+def test_papo_loss_module_holds_the_group(ranks):
+    """PAPOLoss(vocab_parallel_group=group, ...) gives each rank what papo_loss gives it."""
+    for rank, result in enumerate(ranks):
+        module, direct = result["module"], result["losses"][FLOAT64_CASES[0].name]
+        assert not isinstance(module, str), f"rank {rank}: {module}"
+        assert torch.equal(module[0], direct[0]), f"rank {rank}: loss {module[0]} != {direct[0]}"
+        for name, grad in direct[2].items():
+            assert torch.equal(module[2][name], grad), f"rank {rank}: grad of {name} differs"
+
+
 def rounded_to(dtype: torch.dtype):
     return {name: t.to(dtype).double() if t.is_floating_point() else t for name, t in batch().items()}
 

@@ -6,6 +6,7 @@ inputs, and saves what it got to ``out_dir/rank<r>.pt``. The test module runs th
 process with the whole head and compares.
 """
 
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from papo_kernels import linear_logprobs, linear_perception_kl, papo_loss
+from papo_kernels import PAPOLoss, linear_logprobs, linear_perception_kl, papo_loss
 
 from test_fast_path import B, D, T, V
 from test_fast_path import make_batch as fast_path_batch
@@ -120,8 +121,9 @@ def block(sizes: Sequence[int], rank: int) -> slice:
     return slice(start, start + sizes[rank])
 
 
-def run_case(batch, case: Case, rows: slice = slice(None), **call_options):
-    """papo_loss on ``case`` with the head's rows ``rows``: (loss, metrics, gradients of the leaves)."""
+def run_case(batch, case: Case, rows: slice = slice(None), module: bool = False, **call_options):
+    """papo_loss on ``case`` with the head's rows ``rows`` (through ``PAPOLoss`` holding the settings and
+    ``call_options`` when ``module``): (loss, metrics, gradients of the leaves)."""
     leaves = {"hidden": batch["hidden"], "weight": batch["weight"][rows]}
     options = case.options()
     if case.bias:
@@ -134,9 +136,11 @@ def run_case(batch, case: Case, rows: slice = slice(None), **call_options):
         options.update(old_logprobs=batch["old_logprobs"].to(case.dtype),
                        ref_logprobs=batch["ref_logprobs"].to(case.dtype), beta=0.05)
     leaves = {name: value.to(case.dtype).clone().requires_grad_() for name, value in leaves.items()}
-    loss, metrics = papo_loss(leaves["hidden"], leaves["weight"], batch["completion_ids"], batch["completion_mask"],
-                              batch["advantages"].to(case.dtype), hidden_masked=leaves.get("hidden_masked"),
-                              bias=leaves.get("bias"), **options, **call_options)
+    loss_function = PAPOLoss(**options, **call_options) if module else functools.partial(papo_loss, **options,
+                                                                                          **call_options)
+    loss, metrics = loss_function(leaves["hidden"], leaves["weight"], batch["completion_ids"],
+                                  batch["completion_mask"], batch["advantages"].to(case.dtype),
+                                  hidden_masked=leaves.get("hidden_masked"), bias=leaves.get("bias"))
     loss.backward()
     return loss.detach(), metrics, {name: leaf.grad for name, leaf in leaves.items()}
 
@@ -228,6 +232,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     for name, op, backend, bias, temperature in OP_CASES:
         results["ops"][name] = _recorded(lambda: run_op(batch, op, backend, bias, temperature, rows,
                                                         vocab_parallel_group=group))
+    results["module"] = _recorded(lambda: run_case(batch, FLOAT64_CASES[0], rows, module=True,
+                                                   vocab_parallel_group=group))
     for name, bad_call in _bad_calls(batch, rank, world).items():
         started = time.monotonic()
         try:
