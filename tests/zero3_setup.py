@@ -23,8 +23,10 @@ def skip_shared_memory_op_build() -> None:
 
 def run_two_processes(launcher: List[str], worker: Path, *arguments: str, timeout: int = 300) -> None:
     """``python -m <launcher...> worker arguments`` in two CPU processes on DeepSpeed's CPU accelerator; fails
-    with the end of their output if a process failed."""
-    path = os.pathsep.join(filter(None, [str(REPOSITORY), str(worker.parent), os.environ.get("PYTHONPATH")]))
+    with the end of their output if a process failed. The workers import this checkout's package, this folder's
+    modules and their own folder's."""
+    folders = [REPOSITORY, Path(__file__).parent, worker.parent]
+    path = os.pathsep.join(filter(None, [*map(str, folders), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [sys.executable, "-m", *launcher, str(worker), *arguments]
     completed = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=timeout)

@@ -24,9 +24,7 @@ from papo_kernels.hidden_states import completion_hidden_states, gathered_head, 
 from papo_kernels.trainer.data import synthetic_example, synthetic_words
 from papo_kernels.trainer.rollout import encode_prompts
 from papo_kernels.trainer.tiny_model import build_model, build_processor
-
-sys.path.insert(0, str(Path(__file__).parent))
-from zero3_setup import skip_shared_memory_op_build  # noqa: E402
+from zero3_setup import skip_shared_memory_op_build
 
 SAMPLES, COMPLETION, STEPS = 2, 3, 2
 BACKBONE = ("model.visual.patch_embed.proj.weight", "model.language_model.layers.0.mlp.up_proj.weight")
