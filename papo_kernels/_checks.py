@@ -63,12 +63,12 @@ def _interval(low, high, low_open: bool, high_open: bool) -> str:
     return f"{opening}{left}, {right}{closing}"
 
 
-def _shown(value: int) -> str:
-    """An int as a message shows it: in full, or its order of magnitude when it has more than 30 digits (Python
+def shown(value) -> str:
+    """A value as a message shows it: its repr, but an int of more than 30 digits as its order of magnitude (Python
     refuses to print ints of over 4300 digits)."""
-    if abs(value) < 10**30:
-        return str(value)
-    return f"{'-' if value < 0 else ''}an int of about 10**{int(abs(value).bit_length() * math.log10(2))}"
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or abs(value) < 10**30:
+        return repr(value)
+    return f"{'-' if value < 0 else ''}an int of about 10**{int(abs(int(value)).bit_length() * math.log10(2))}"
 
 
 def check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
@@ -90,7 +90,7 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, high_
     try:
         number = float(value)
     except OverflowError:  # an int beyond float's range
-        raise ValueError(f"{name} must be a finite number in {interval}, got {_shown(int(value))}, beyond float's "
+        raise ValueError(f"{name} must be a finite number in {interval}, got {shown(int(value))}, beyond float's "
                          "range") from None
     below = low is not None and (number <= low if low_open else number < low)
     above = high is not None and (number >= high if high_open else number > high)
@@ -113,7 +113,7 @@ def check_int(name: str, value, *, low: Optional[int] = None, high: Optional[int
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-        raise ValueError(f"{name} must be an int in {interval}, got {_shown(value)}")
+        raise ValueError(f"{name} must be an int in {interval}, got {shown(value)}")
     return value
 
 

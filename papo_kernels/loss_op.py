@@ -15,11 +15,10 @@ own backward does; so the compiled loss, metrics and gradients are the eager one
 Limits: first-order gradients only (the op's backward is not itself differentiable).
 """
 
+import ast
 import contextlib
-import json
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,12 +48,28 @@ def _autograd_recorded() -> Iterator[None]:
         yield
 
 
-def _receives_gradient(requires_grad: List[bool], settings: Dict[str, object]) -> List[bool]:
+def _encoded(values: Dict[str, object], tensor_names: List[str]) -> str:
+    """The op's ``settings``: the hyperparameters given as Python constants (None, bool, int, float, str), as the
+    ``repr`` of a tuple (floats as ``("float", repr)``: ``nan`` and ``inf`` have no literal), and the names of those
+    passed as tensors. Plain Python that dynamo folds into a constant of the graph while it traces."""
+    tagged = tuple((name, ("float", repr(value)) if isinstance(value, float) else value) for name, value in values.items())
+    return repr((tagged, tuple(tensor_names)))
+
+
+def _decoded(settings: str) -> Tuple[Dict[str, object], Tuple[str, ...]]:
+    """``_encoded``'s values and tensor names, back."""
+    tagged, tensor_names = ast.literal_eval(settings)
+    values = {name: float(value[1]) if isinstance(value, tuple) and value[:1] == ("float",) else value
+              for name, value in tagged}
+    return values, tensor_names
+
+
+def _receives_gradient(requires_grad: List[bool], settings: str) -> List[bool]:
     """Which of DIFFERENTIABLE get a gradient: those that want one, but the masked pass only where a term of the
     loss may read it (gamma or eta_masked not 0, or given as a tensor; eager papo_loss leaves its gradient None
     otherwise). Read from ``settings`` alone, so the fake kernel and the kernel agree."""
-    values, tensors = settings["values"], settings["tensors"]
-    masked_terms = any(name in tensors or values.get(name, 1) != 0 for name in ("gamma", "eta_masked"))
+    values, tensor_names = _decoded(settings)
+    masked_terms = any(name in tensor_names or values.get(name, 1) != 0 for name in ("gamma", "eta_masked"))
     return [wants and (name != "hidden_masked" or masked_terms) for name, wants in zip(DIFFERENTIABLE, requires_grad)]
 
 
@@ -66,12 +81,13 @@ def papo_loss_op(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor
                  requires_grad: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, the metrics as one vector in ``METRIC_NAMES`` order then ``tokens``, then the gradients of hidden,
     hidden_masked, weight and bias, each an empty tensor where it gets none). ``settings`` holds the
-    hyperparameters as JSON (``_encoded``), those given as tensors in ``tensor_settings``."""
-    decoded = json.loads(settings)
-    hyperparameters = {**decoded["values"], **dict(zip(decoded["tensors"], tensor_settings))}
+    hyperparameters (``_encoded``), those given as tensors (or as NumPy scalars, which dynamo makes tensors) in
+    ``tensor_settings``."""
+    values, tensor_names = _decoded(settings)
+    hyperparameters = {**values, **dict(zip(tensor_names, tensor_settings))}
     leaves = [None if value is None else value.detach().requires_grad_(wants)
               for value, wants in zip((hidden, hidden_masked, weight, bias), requires_grad)]
-    receives = _receives_gradient(requires_grad, decoded)
+    receives = _receives_gradient(requires_grad, settings)
     with _autograd_recorded(), torch.enable_grad() if any(requires_grad) else torch.no_grad():
         value, metrics = loss.papo_loss(leaves[0], leaves[2], completion_ids, completion_mask, advantages,
                                         hidden_masked=leaves[1], masked_logprobs=masked_logprobs,
@@ -94,7 +110,7 @@ def _papo_loss_fake(hidden, hidden_masked, weight, bias, completion_ids, complet
                     masked_logprobs, old_logprobs, ref_logprobs, policy_weights, tensor_settings, settings,
                     requires_grad):
     dtype = compute_dtype(hidden.dtype)
-    receives = _receives_gradient(requires_grad, json.loads(settings))
+    receives = _receives_gradient(requires_grad, settings)
     gradients = [value.new_empty(value.shape) if gets else hidden.new_empty(0)
                  for value, gets in zip((hidden, hidden_masked, weight, bias), receives)]
     return (hidden.new_empty((), dtype=dtype), hidden.new_empty(len(loss.METRIC_NAMES) + 1, dtype=dtype),
@@ -103,7 +119,7 @@ def _papo_loss_fake(hidden, hidden_masked, weight, bias, completion_ids, complet
 
 def _setup_context(ctx, inputs, output):
     *_, tensor_settings, settings, requires_grad = inputs
-    ctx.receives = _receives_gradient(requires_grad, json.loads(settings))
+    ctx.receives = _receives_gradient(requires_grad, settings)
     ctx.tensor_settings = len(tensor_settings)
     ctx.save_for_backward(*output[2:])
 
@@ -119,24 +135,20 @@ def _backward(ctx, loss_grad, *_):
 papo_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.compiler.assume_constant_result
-def _encoded(values: Dict[str, object], tensor_names: Tuple[str, ...]) -> str:
-    """The op's ``settings``: the hyperparameters given as Python or NumPy scalars, strings or None, and the names
-    of those given as tensors. Run once while tracing (dynamo does not trace ``json``): a constant of the graph."""
-    plain = {name: value.item() if isinstance(value, np.generic) else value for name, value in values.items()}
-    return json.dumps({"values": plain, "tensors": list(tensor_names)})
+CONSTANTS = (type(None), bool, int, float, str)
 
 
 def traced_papo_loss(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked, masked_logprobs,
                      old_logprobs, ref_logprobs, policy_weights, bias,
                      hyperparameters: Dict[str, object]) -> Tuple[Tensor, Dict[str, Tensor]]:
     """papo_loss while traced by torch.compile: the op on everything as it came (its kernel checks it)."""
-    tensors = {name: value for name, value in hyperparameters.items() if isinstance(value, Tensor)}
+    tensors = {name: torch.as_tensor(value) for name, value in hyperparameters.items()
+               if not isinstance(value, CONSTANTS)}
     values = {name: value for name, value in hyperparameters.items() if name not in tensors}
     requires_grad = [torch.is_grad_enabled() and value is not None and value.requires_grad
                      for value in (hidden, hidden_masked, weight, bias)]
     value, vector, *_ = papo_loss_op(hidden, hidden_masked, weight, bias, completion_ids, completion_mask,
                                      advantages, masked_logprobs, old_logprobs, ref_logprobs, policy_weights,
-                                     list(tensors.values()), _encoded(values, tuple(tensors)), requires_grad)
+                                     list(tensors.values()), _encoded(values, list(tensors)), requires_grad)
     metrics = dict(zip(loss.METRIC_NAMES + ("tokens",), vector.detach().unbind()))
     return value, metrics

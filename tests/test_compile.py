@@ -6,6 +6,7 @@ a bad value is the same error. Under torch.func only path='per_token' with backe
 choice is a ValueError that names it.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,9 +129,9 @@ def test_bad_values_under_compile_are_the_eager_errors(case):
     assert str(compiled.value) == str(eager.value) and message in str(eager.value)
 
 
-def test_tensor_hyperparameters_under_compile_equal_eager():
-    options = dict(temperature=torch.tensor(0.7), gamma=torch.tensor(0.02), max_completion_length=torch.tensor(8),
-                   loss_type="dr_grpo")
+def test_tensor_and_numpy_hyperparameters_under_compile_equal_eager():
+    options = dict(temperature=torch.tensor(0.7), gamma=np.float32(0.02), max_completion_length=torch.tensor(8),
+                   eta_masked=np.float64(0.05), loss_type="dr_grpo")
     compiled = torch.compile(scaled_loss, fullgraph=True, backend="aot_eager")
     assert_equal_runs(run(compiled, options, "hidden_masked"), run(scaled_loss, options, "hidden_masked"))
 

@@ -3,6 +3,10 @@ autocast changes nothing, and a second derivative through a fused backward raise
 
 import contextlib
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from papo_kernels import PAPOLoss, linear_logprobs, linear_perception_kl, papo_l
 
 from backend_cases import triton_device
 
+REPOSITORY = Path(__file__).resolve().parents[1]
 B, T, D, V = 3, 6, 8, 29
 PATHS = [("fast", "native"), ("fast", "torch"), ("fast", "triton"), ("per_token", "torch"), ("per_token", "triton"),
          ("per_token", "reference")]
@@ -363,3 +368,31 @@ def test_second_derivatives_through_the_reference_are_exact():
         return tuple(linear_perception_kl(h, hm, w, tokens, backend="reference"))
 
     assert torch.autograd.gradgradcheck(outputs, (hidden, hidden_masked, weight))
+
+
+BROKEN_TRITON = """
+import warnings
+import torch
+from papo_kernels.backends import resolve_backend
+from papo_kernels.fast_path import resolve_epilogue
+
+cuda = torch.device("cuda")  # only resolved, never touched: this needs no GPU
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    names = [resolve_backend("auto", cuda, torch.bfloat16).__name__.rsplit(".", 1)[-1],
+             resolve_epilogue("auto", cuda, torch.bfloat16).NAME]
+print(names, len(caught), str(caught[0].message).split(",")[0])
+"""
+
+
+def test_a_triton_install_that_raises_at_import_makes_auto_fall_back(tmp_path):
+    """A broken install raises more than ImportError (here a RuntimeError, as a missing driver library gives): auto
+    runs the torch code with its one warning, as where triton is missing, instead of raising on CUDA tensors."""
+    package = tmp_path / "triton"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise RuntimeError("simulated broken install: libcuda.so.1 not found")\n')
+    path = os.pathsep.join([str(tmp_path), str(REPOSITORY)])
+    result = subprocess.run([sys.executable, "-c", BROKEN_TRITON], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": path}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['torch_chunked', 'torch'] 1 papo_kernels: triton does not import"
