@@ -52,7 +52,8 @@ def _encoded(values: Dict[str, object], tensor_names: List[str]) -> str:
     """The op's ``settings``: the hyperparameters given as Python constants (None, bool, int, float, str), as the
     ``repr`` of a tuple (floats as ``("float", repr)``: ``nan`` and ``inf`` have no literal), and the names of those
     passed as tensors. Plain Python that dynamo folds into a constant of the graph while it traces."""
-    tagged = tuple((name, ("float", repr(value)) if isinstance(value, float) else value) for name, value in values.items())
+    tagged = tuple((name, ("float", repr(value)) if isinstance(value, float) else value)
+                   for name, value in values.items())
     return repr((tagged, tuple(tensor_names)))
 
 
@@ -120,7 +121,7 @@ def _papo_loss_fake(hidden, hidden_masked, weight, bias, completion_ids, complet
 def _setup_context(ctx, inputs, output):
     *_, tensor_settings, settings, requires_grad = inputs
     ctx.receives = _receives_gradient(requires_grad, settings)
-    ctx.tensor_settings = len(tensor_settings)
+    ctx.tensor_settings_count = len(tensor_settings)
     ctx.save_for_backward(*output[2:])
 
 
@@ -129,7 +130,7 @@ def _backward(ctx, loss_grad, *_):
     of them for ``tensor_settings``)."""
     scaled = [grad * loss_grad.to(grad.dtype) if gets else None
               for grad, gets in zip(ctx.saved_tensors, ctx.receives)]
-    return (*scaled, *[None] * 7, [None] * ctx.tensor_settings, None, None)
+    return (*scaled, *[None] * 7, [None] * ctx.tensor_settings_count, None, None)
 
 
 papo_loss_op.register_autograd(_backward, setup_context=_setup_context)

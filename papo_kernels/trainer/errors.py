@@ -1,4 +1,4 @@
-"""The exception types ``papo-train`` prints as one line: trainer input the user must fix, and output it cannot write."""
+"""The exception types ``papo-train`` prints as one line: input the user must fix, output it cannot write."""
 
 
 class TrainerInputError(ValueError):

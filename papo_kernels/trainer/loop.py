@@ -75,7 +75,7 @@ class Trainer:
     is checked before the model is built; a problem is a ``TrainerInputError`` naming it. A new
     run (no ``resume``) is refused where an earlier run left a checkpoint, unless
     ``overwrite_output_dir`` deletes it. The output directory is this run's alone from the
-    constructor to the end of ``train()`` (``lock.py``): another run there is refused.
+    constructor to the end of ``train()``, or to ``close()`` (``lock.py``): another run there is refused.
     """
 
     def __init__(self, config: TrainerConfig, resume: bool = False, accelerator: Optional[Accelerator] = None,
@@ -466,7 +466,11 @@ class Trainer:
         try:
             return self._train()
         finally:
-            self.output_lock.release()
+            self.close()
+
+    def close(self) -> None:
+        """Give the output directory back (``train()`` does at its end): another run may write there after it."""
+        self.output_lock.release()
 
     def _train(self) -> List[Dict[str, float]]:
         config, accelerator = self.config, self.accelerator
