@@ -180,8 +180,8 @@ def markdown(setup: Setup, rows: Sequence[Dict[str, object]]) -> List[str]:
     lines = [f"N = {s.tokens} tokens (two passes), D = {s.dim}, V = {s.vocab}, {s.dtype}, {s.threads} thread(s) per "
              f"process, median of {s.reps} after {s.warmup} warm-up; git {git_sha()}; load average before the run "
              f"{os.getloadavg()[0]:.2f}", "",
-             "| ranks | median ms (p20-p80) | / 1 rank | in collectives ms (waits included) | all-gather calls, bytes | all-reduce "
-             "calls, bytes | max rel. diff: loss, dH, dW |", "| ---: | --- | ---: | ---: | --- | --- | --- |"]
+             "| ranks | median ms (p20-p80) | / 1 rank | in collectives ms (waits included) | all-gather calls, bytes "
+             "| all-reduce calls, bytes | max rel. diff: loss, dH, dW |", "| ---: | --- | ---: | ---: | --- | --- | --- |"]
     for row in rows:
         lines.append(f"| {row['ranks']} | {row['median_ms']:.1f} ({row['p20_ms']:.1f}-{row['p80_ms']:.1f}) | "
                      f"{row['time_ratio']:.2f} | {row['collective_ms']:.1f} | {row['all_gather_calls']}, "

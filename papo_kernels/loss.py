@@ -17,19 +17,28 @@ sign); both entropies are minimised.
 Both apply the same per-token code, to the unmasked tokens only: whatever a masked
 position holds (padding ids, NaN advantages or hidden states) is never read.
 
-Both also run over a vocabulary-parallel head (``vocab_parallel_group``, ``vocab_parallel.py``).
+Under ``torch.compile`` papo_loss checks what needs no tensor values while it is traced and
+runs the rest as one opaque custom op (``loss_op.py``), whose kernel is this eager function.
+Under ``torch.func`` transforms only ``path='per_token'`` with ``backend='reference'`` (plain
+autograd) runs; every other choice is a clear error.
+
+Both paths also run over a vocabulary-parallel head (``vocab_parallel_group``, ``vocab_parallel.py``),
+eagerly: under ``torch.compile`` such a call is a graph break.
 """
 
 import inspect
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_completion_values, check_float_tensor, check_has_data, check_head
+from ._checks import check_bias_values, check_choice, check_completion_values, check_float_tensor, check_has_data
+from ._checks import check_head
 from ._checks import check_hidden_masked
 from ._checks import check_int, check_int_tensor, check_number, check_same_device, check_shape
 from ._checks import check_tensor
+from . import loss_op
 from ._guards import no_autocast
 from .backends import BACKENDS, reference
 from .fast_path import EPILOGUES, FastPAPOLossFunction, FastPathCall, FastPathOptions
@@ -43,6 +52,9 @@ from .vocab_parallel import VocabShard, agree_on_inputs, check_group, check_with
 PATHS = ("auto", "fast", "per_token")
 FLOAT32 = torch.finfo(torch.float32)
 LOSS_BACKENDS = tuple(dict.fromkeys(BACKENDS + EPILOGUES))
+# The largest max_completion_length: dr_grpo divides by B x max_completion_length, and float64 counts every integer
+# up to 2**53.
+MAX_COMPLETION_LENGTH = 2**53
 HYPERPARAMETERS = ("temperature", "epsilon_low", "epsilon_high", "dual_clip", "beta", "ref_kl_importance_weighted",
                    "gamma", "perception_kl", "eta_clean", "eta_masked", "entropy", "loss_type",
                    "importance_sampling_level", "max_completion_length", "num_items_in_batch", "path", "backend",
@@ -102,10 +114,11 @@ def check_hyperparameters(hyperparameters: Dict[str, object]) -> Dict[str, objec
     check_choice("backend", h["backend"], LOSS_BACKENDS)
     if h["workspace_bytes"] is not None:  # None: the fast path's policy (fast_path/workspace.py)
         h["workspace_bytes"] = int(check_number("workspace_bytes", h["workspace_bytes"], low=1.0))
-    if h["loss_type"] == "dr_grpo":
-        if h["max_completion_length"] is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int), got None")
-        h["max_completion_length"] = check_int("max_completion_length", h["max_completion_length"], low=1)
+    if h["loss_type"] == "dr_grpo" and h["max_completion_length"] is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int), got None")
+    if h["max_completion_length"] is not None:
+        h["max_completion_length"] = check_int("max_completion_length", h["max_completion_length"], low=1,
+                                               high=MAX_COMPLETION_LENGTH)
     if h["num_items_in_batch"] is not None:
         h["num_items_in_batch"] = _setting("num_items_in_batch", h["num_items_in_batch"], divisor=True, low=0.0,
                                            low_open=True)
@@ -163,6 +176,30 @@ def _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantag
         raise ValueError(f"beta > 0 needs ref_logprobs (log-probs under the reference policy), got beta={h['beta']} "
                          "and ref_logprobs=None")
     return h
+
+
+def _warn_masked_terms_off(h: Dict[str, object]) -> None:
+    """gamma and eta_masked weigh statistics of the masked pass: without one their terms are off, said once per
+    call site (Python's default warning filter), not dropped in silence; eta_clean applies."""
+    dropped = [f"{name}={h[name]}" for name in ("gamma", "eta_masked") if h[name] != 0]
+    if dropped:
+        warnings.warn(f"papo_loss: {' and '.join(dropped)} weigh the masked pass, which was not given "
+                      "(hidden_masked or masked_logprobs): those terms are off and the loss is GRPO/DAPO with the "
+                      "clean entropy term (eta_clean); give the masked pass, or gamma=0 and eta_masked=0 (the "
+                      "'grpo' and 'dapo' presets)", UserWarning, stacklevel=3)
+
+
+def _check_not_transformed(h: Dict[str, object]) -> None:
+    """torch.func's transforms (grad, vmap, jacrev, ...) differentiate plain autograd only: the reference backend on
+    the per-token path. The fast path and the fused backends are autograd.Functions that compute their own
+    gradients, which the transforms cannot run."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    if h["path"] != "per_token" or h["backend"] != "reference":
+        raise ValueError(f"papo_loss under a torch.func transform (grad, vmap, jacrev, ...) needs path='per_token' "
+                         f"with backend='reference' (plain autograd, which the transforms differentiate), got "
+                         f"path={h['path']!r}, backend={h['backend']!r}: the fast path and the fused backends compute "
+                         "their own gradients, which torch.func cannot transform")
 
 
 def _token_batch(mask: Tensor, index: Tensor, advantages: Tensor, old_logprobs, ref_logprobs, masked_logprobs,
@@ -308,13 +345,15 @@ def papo_loss(
         hidden_masked: ``(B, T, D)`` the same positions on the masked image; gradient flows
             through both passes (this package's default way).
         masked_logprobs: ``(B, T)`` precomputed, gradient-free log-probs of the masked pass
-            (the authors' default). Give at most one of the two; with neither, the PAPO
-            terms (gamma, eta_clean, eta_masked) are off and this is plain GRPO/DAPO.
+            (the authors' default). Give at most one of the two; with neither, the terms of
+            the masked pass (gamma, eta_masked) are off, with a warning where their
+            coefficients are not 0, and this is GRPO/DAPO plus the clean entropy (eta_clean).
         old_logprobs: ``(B, T)`` log-probs of the rollout policy; None means on-policy (r = 1).
         ref_logprobs: ``(B, T)`` log-probs of the reference policy; needed when beta > 0.
         policy_weights: ``(B, T)`` gradient-free weights of the policy-gradient term per token
             (TRL's importance-sampling correction of vLLM rollouts, top-entropy or off-policy masks).
-        bias: optional ``(V,)`` LM-head bias.
+        bias: optional ``(V,)`` LM-head bias, finite: a token that can never be drawn takes a
+            bias far below the other logits (say -1e4), not -inf, which is refused.
         temperature: sampling temperature; logits are divided by it. > 0.
         epsilon_low, epsilon_high: clip range of the ratio, [1 - eps_low, 1 + eps_high].
         dual_clip: c > 1 bounds the loss of negative-advantage tokens by -c A; None is off.
@@ -334,7 +373,7 @@ def papo_loss(
             (token sum / (B * ``max_completion_length``)).
         importance_sampling_level: ``"token"`` (PPO's per-token ratio) or ``"sequence"`` (GSPO:
             the log-ratio averaged over each sequence's tokens; runs the per-token path).
-        max_completion_length: needed by ``dr_grpo``; at least the longest response.
+        max_completion_length: needed by ``dr_grpo``; at least the longest response, at most 2**53.
         num_items_in_batch: response tokens in the whole generation batch, for ``dapo``, a number
             > 0 (or a one-element tensor); None uses the local count. Under DDP, which averages
             gradients, pass it divided by the number of processes.
@@ -378,20 +417,41 @@ def papo_loss(
         eta_clean=eta_clean, eta_masked=eta_masked, entropy=entropy, loss_type=loss_type,
         importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch, path=path, backend=backend, workspace_bytes=workspace_bytes)
+    if vocab_parallel_group is None:
+        check_without_group(vocab_parallel_hidden_grad)
+    if torch.compiler.is_compiling():
+        if vocab_parallel_group is not None:  # collectives run eagerly: a graph break (fullgraph=True refuses it)
+            return _eager_papo_loss(hidden, weight, completion_ids, completion_mask, advantages,
+                                    hidden_masked=hidden_masked, masked_logprobs=masked_logprobs,
+                                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                    policy_weights=policy_weights, bias=bias, vocab_parallel_group=vocab_parallel_group,
+                                    vocab_parallel_hidden_grad=vocab_parallel_hidden_grad, **hyperparameters)
+        return loss_op.traced_papo_loss(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked,
+                                        masked_logprobs, old_logprobs, ref_logprobs, policy_weights, bias,
+                                        hyperparameters)
+
     def check() -> Dict[str, object]:
         return _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked,
                                   masked_logprobs, old_logprobs, ref_logprobs, policy_weights, bias, hyperparameters)
 
+    def check_block() -> Dict[str, object]:
+        """A rank's checks include its bias block's values, so that a refusal reaches every rank."""
+        h = check()
+        check_bias_values(bias)
+        return h
+
     shard = None
     if vocab_parallel_group is None:
-        check_without_group(vocab_parallel_hidden_grad)
         h = check()
     else:
-        h, shard = agree_on_inputs(vocab_parallel_group, vocab_parallel_hidden_grad, check, hidden=hidden,
+        h, shard = agree_on_inputs(vocab_parallel_group, vocab_parallel_hidden_grad, check_block, hidden=hidden,
                                    hidden_masked=hidden_masked, weight=weight, bias=bias, tokens=completion_ids,
                                    mask=completion_mask, ids_name="completion_ids", settings=_shared_settings)
+    _check_not_transformed(h)
+    if hidden_masked is None and masked_logprobs is None:
+        _warn_masked_terms_off(h)
     vocab_size = weight.shape[0] if shard is None else shard.vocab_size
-    check_completion_values(completion_ids, completion_mask, vocab_size, h["max_completion_length"])
+    check_completion_values(completion_ids, completion_mask, vocab_size, h["max_completion_length"], bias)
     differentiable = (hidden, hidden_masked, weight, bias)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     chosen_path = _choose_path(h, wants_grad, shard is not None)
@@ -415,6 +475,10 @@ def papo_loss(
             loss, terms = _per_token_path(rows, rows_masked, weight, bias, tokens, batch, objective,
                                           h["temperature"], h["backend"], shard)
         return loss, _metrics(terms, index.numel(), dtype, hidden.device)
+
+
+# papo_loss over a vocabulary-parallel head under torch.compile: run eagerly (a graph break), collectives and all.
+_eager_papo_loss = torch.compiler.disable(papo_loss)
 
 
 def _shared_settings(h: Dict[str, object]) -> Dict[str, object]:

@@ -10,6 +10,11 @@ What changes against GRPOTrainer, and why:
 - log-probs (``_get_per_token_logps_and_entropies``, used by TRL for the old and reference
   policies): final hidden states through the model's forward, then
   ``papo_kernels.linear_logprobs``, so they are the float32 numbers the loss computes.
+- the LM head (``_head``): read after the model's forward with ``hidden_states.gathered_head``,
+  which under DeepSpeed ZeRO-3 gathers the partitioned head; for the loss the gather is held
+  until ``training_step``'s backward (and DeepSpeed's step inside it) has run, for the
+  gradient-free log-probs it ends with them. TRL's generation gathers every parameter and
+  releases them before any of these passes, so the gathers never overlap.
 - loss (``_compute_loss``): one forward of the wrapped model over the clean and the masked
   sequences (DDP and FSDP see it), or with ``masked_forward="sequential"`` one pass after
   the other, each with its own backward (``_sequential_loss``); then ``papo_loss`` on the
@@ -24,6 +29,7 @@ What changes against GRPOTrainer, and why:
 
 import json
 import warnings
+from contextlib import ExitStack, contextmanager
 from itertools import accumulate
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -37,7 +43,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import GRPOTrainer, prepare_multimodal_messages
 
 from .. import linear_logprobs, papo_loss
-from ..hidden_states import completion_hidden_states, output_head
+from ..hidden_states import completion_hidden_states, gathered_head, output_head
 from ..masking import group_generator, mask_images_by_group, mask_pixel_values_by_group
 from ._trl_config import PAPOConfig
 
@@ -92,6 +98,7 @@ class PAPOTrainer(GRPOTrainer):
             raise ValueError("PAPOConfig.masked_forward='sequential' runs two backwards per micro-batch, which "
                              "DeepSpeed's engine counts as two steps; use masked_forward='joint' with DeepSpeed")
         self._mask_rounds = 0
+        self._heads_until_backward = ExitStack()  # ZeRO-3 gathers of the head that the loss's backward needs
 
     def _check_model_and_processor(self) -> None:
         image_processor = getattr(self.processing_class, "image_processor", None)
@@ -228,21 +235,42 @@ class PAPOTrainer(GRPOTrainer):
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             chunk = _take_samples(inputs, num_images, start, min(start + batch_size, input_ids.size(0)))
-            hidden, weight, bias = self._hidden_and_head(model, chunk, logits_to_keep)
+            hidden = self._hidden_states(model, chunk, logits_to_keep)
             mask = chunk["attention_mask"][:, -logits_to_keep:] != 0
             tokens = chunk["input_ids"][:, -logits_to_keep:].where(mask, 0)
-            chunk_logps, chunk_entropy = linear_logprobs(hidden, weight, tokens, bias=bias,
-                                                         temperature=self.temperature, backend=self.args.backend)
+            with self._head(model) as (weight, bias):
+                chunk_logps, chunk_entropy = linear_logprobs(hidden.to(weight.dtype), weight, tokens, bias=bias,
+                                                             temperature=self.temperature, backend=self.args.backend)
             logps.append(chunk_logps.where(mask, 0.0))
             entropies.append(chunk_entropy.where(mask, 0.0))
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
-    def _hidden_and_head(self, model, inputs: Dict[str, Tensor], completion_length: int):
-        """Final hidden states at the completion positions, in the head's dtype, and the head's weight and bias."""
+    def _hidden_states(self, model, inputs: Dict[str, Tensor], completion_length: int) -> Tensor:
+        """Final hidden states at the completion positions, under the trainer's autocast."""
         with self.accelerator.autocast():
-            hidden = completion_hidden_states(model, inputs, completion_length)
-        weight, bias = output_head(model)
-        return hidden.to(weight.dtype), weight, bias
+            return completion_hidden_states(model, inputs, completion_length)
+
+    @contextmanager
+    def _head(self, model):
+        """``(weight, bias)`` of the model's LM head, opened after the forwards whose hidden states it meets.
+
+        Under DeepSpeed ZeRO-3 the head is gathered (``hidden_states.gathered_head``): where gradient is
+        recorded, until ``training_step``'s backward has run (the gradient accumulates into the full weight);
+        without gradient, until the block ends.
+        """
+        if torch.is_grad_enabled():
+            yield self._heads_until_backward.enter_context(gathered_head(model))
+        else:
+            with gathered_head(model) as head:
+                yield head
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        """TRL's step (generation when due, the loss, ``accelerator.backward``, under DeepSpeed its step), then the
+        head's ZeRO-3 gathers of the loss released."""
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._heads_until_backward.close()
 
     # The loss.
 
@@ -255,19 +283,23 @@ class PAPOTrainer(GRPOTrainer):
             "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
             **{key: inputs[key] for key in MULTIMODAL_KEYS if inputs.get(key) is not None},
         }
+        hidden_masked = None
         if inputs.get("masked_pixel_values") is None:
-            hidden, weight, bias = self._hidden_and_head(model, clean, completion_length)
-            return self._loss_from_hidden_states(inputs, hidden, None, weight, bias)
-        masked = {**clean, "pixel_values": torch.cat(inputs["masked_pixel_values"])}
-        if self.args.masked_forward == "sequential" and torch.is_grad_enabled():
-            return self._sequential_loss(model, inputs, clean, masked)
-        if self.args.masked_forward == "sequential":  # no backward follows: two forwards, one batch each
-            hidden, weight, bias = self._hidden_and_head(model, clean, completion_length)
-            hidden_masked, _, _ = self._hidden_and_head(model, masked, completion_length)
+            hidden = self._hidden_states(model, clean, completion_length)
         else:
-            hidden, weight, bias = self._hidden_and_head(model, _clean_then_masked(clean, masked), completion_length)
-            hidden, hidden_masked = hidden.chunk(2)
-        return self._loss_from_hidden_states(inputs, hidden, hidden_masked, weight, bias)
+            masked = {**clean, "pixel_values": torch.cat(inputs["masked_pixel_values"])}
+            if self.args.masked_forward == "sequential" and torch.is_grad_enabled():
+                return self._sequential_loss(model, inputs, clean, masked)
+            if self.args.masked_forward == "sequential":  # no backward follows: two forwards, one batch each
+                hidden = self._hidden_states(model, clean, completion_length)
+                hidden_masked = self._hidden_states(model, masked, completion_length)
+            else:
+                hidden, hidden_masked = self._hidden_states(model, _clean_then_masked(clean, masked),
+                                                            completion_length).chunk(2)
+        with self._head(model) as (weight, bias):
+            return self._loss_from_hidden_states(inputs, hidden.to(weight.dtype),
+                                                 None if hidden_masked is None else hidden_masked.to(weight.dtype),
+                                                 weight, bias)
 
     def _sequential_loss(self, model, inputs: dict, clean: Dict[str, Tensor], masked: Dict[str, Tensor]) -> Tensor:
         """The joint loss and gradients, holding one pass's activations at a time (``masked_forward="sequential"``).
@@ -285,9 +317,11 @@ class PAPOTrainer(GRPOTrainer):
         device = inputs["completion_ids"].device
         masked_draws = _rng_states(device)
         with torch.no_grad():
-            hidden_masked, _, _ = self._hidden_and_head(model, masked, completion_length)
+            hidden_masked = self._hidden_states(model, masked, completion_length)
         with self.accelerator.no_sync(model):
-            hidden, weight, bias = self._hidden_and_head(model, clean, completion_length)
+            hidden = self._hidden_states(model, clean, completion_length)
+            weight, bias = output_head(model)  # never a ZeRO-3 head: __init__ refuses sequential under DeepSpeed
+            hidden, hidden_masked = hidden.to(weight.dtype), hidden_masked.to(weight.dtype)
             leaves = {"hidden_masked": hidden_masked.detach().requires_grad_(),
                       "weight": weight.detach().requires_grad_(),
                       "bias": None if bias is None else bias.detach().requires_grad_()}
@@ -296,7 +330,7 @@ class PAPOTrainer(GRPOTrainer):
             loss.backward()
         clean_draws = _rng_states(device)
         _set_rng_states(device, masked_draws)
-        hidden_masked_again, _, _ = self._hidden_and_head(model, masked, completion_length)
+        hidden_masked_again = self._hidden_states(model, masked, completion_length).to(weight.dtype)
         _set_rng_states(device, clean_draws)
         handed_on = sum((value * _grad_or_zeros(leaves[name])).sum()
                         for name, value in (("hidden_masked", hidden_masked_again), ("weight", weight), ("bias", bias))

@@ -84,19 +84,19 @@ def test_the_masked_pass_runs_again_with_its_random_draws(tmp_path, monkeypatch)
     for module in dropout_layers:
         module.attention_dropout = 0.5
     calls = []
-    hidden_and_head = trainer._hidden_and_head
+    hidden_states = trainer._hidden_states
 
     def keep_hidden_states(model, inputs, completion_length):
-        hidden, weight, bias = hidden_and_head(model, inputs, completion_length)
+        hidden = hidden_states(model, inputs, completion_length)
         calls.append((inputs, hidden.detach().clone()))
-        return hidden, weight, bias
+        return hidden
 
-    monkeypatch.setattr(trainer, "_hidden_and_head", keep_hidden_states)
+    monkeypatch.setattr(trainer, "_hidden_states", keep_hidden_states)
     trainer.compute_loss(trainer.model, batch).backward()
     (masked_inputs, masked_first), _, (_, masked_again) = calls
     torch.testing.assert_close(masked_again, masked_first, rtol=0, atol=0)
     with torch.no_grad():
-        other_draws = [hidden_and_head(trainer.model, masked_inputs, batch["completion_ids"].size(1))[0]
+        other_draws = [hidden_states(trainer.model, masked_inputs, batch["completion_ids"].size(1))
                        for _ in range(2)]
     assert not torch.equal(*other_draws), "dropout is on: other draws give other hidden states"
 

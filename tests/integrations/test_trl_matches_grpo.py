@@ -17,8 +17,8 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from papo_kernels.integrations.trl import PAPOConfig, PAPOTrainer
-from trl_setup import (build_processor_and_model_folder, colour_dataset, common_fields, generation_rows, length_reward,
-                       parameter_gradients)
+from trl_setup import (build_processor_and_model_folder, colour_dataset, common_fields, current_logprobs,
+                       generation_rows, length_reward, parameter_gradients)
 
 NUM_PROMPTS = 2
 SHARED_GRPO = dict(epsilon=0.2, epsilon_high=0.28, delta=3.0)
@@ -53,17 +53,6 @@ def micro_batches(trainer, rows):
         trainer._step = step
         batches.append(trainer._prepare_inputs(rows))
     return batches
-
-
-def current_logprobs(trainer, batch):
-    """The model's log-probs of the response tokens, by TRL's own head."""
-    with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), batch["completion_ids"].size(1),
-            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-            num_images=batch["num_images"], mm_token_type_ids=batch["mm_token_type_ids"])
-    return logps
 
 
 def with_noisy_old_logprobs(trainer, batch, seed):

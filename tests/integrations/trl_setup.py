@@ -71,6 +71,19 @@ def generation_rows(dataset: Dataset, num_prompts: int) -> List[dict]:
     return [dataset[index] for index in range(num_prompts) for _ in range(NUM_GENERATIONS)]
 
 
+def current_logprobs(trainer, batch: dict, model=None) -> torch.Tensor:
+    """The log-probs of the batch's response tokens under ``model`` (the trainer's own by default), by the
+    trainer's ``_get_per_token_logps_and_entropies`` (TRL's own head, for a GRPOTrainer)."""
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model if model is None else model,
+            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), batch["completion_ids"].size(1),
+            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+            num_images=batch["num_images"], mm_token_type_ids=batch["mm_token_type_ids"])
+    return logps
+
+
 def parameter_gradients(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {name: parameter.grad.detach().clone() for name, parameter in model.named_parameters()
             if parameter.grad is not None}
