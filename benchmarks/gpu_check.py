@@ -36,6 +36,7 @@ printed last.
 import argparse
 import csv
 import math
+import os
 import sys
 import time
 import traceback
@@ -230,10 +231,11 @@ def vocab_parallel_part(context: Context) -> List[str]:
     lines = ["## Vocabulary-parallel head (2 gloo processes on the CPU against the single-rank call)", ""]
     if time.monotonic() > context.deadline:
         return lines + [run.TIME_LIMIT_NOTE, ""]
+    load = os.getloadavg()
     rows = vocab_parallel.run(vocab_parallel.TINY_SETUP, (1, 2))
     worst = max(max(row["loss_error"], row["hidden_grad_error"], row["weight_grad_error"]) for row in rows)
     verdict = "PASS" if worst <= VOCAB_PARALLEL_TOLERANCE else "FAIL"
-    return lines + vocab_parallel.markdown(vocab_parallel.TINY_SETUP, rows) + [
+    return lines + vocab_parallel.markdown(vocab_parallel.TINY_SETUP, rows, load) + [
         "", f"{verdict}: the largest relative difference from the single-rank call is {worst:.1e} "
         f"(at most {VOCAB_PARALLEL_TOLERANCE:g} passes).", ""]
 

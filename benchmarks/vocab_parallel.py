@@ -127,9 +127,11 @@ def worker(rank: int, world: int, init_file: str, setup: Setup, out_dir: str) ->
     call()  # first use: the native epilogue's library loads
     with CollectiveMeter() as meter:
         loss = call()
+    cpu_started = time.process_time()
     median, p20, p80 = Timer(torch.device("cpu"), setup.reps, setup.warmup)(call)
+    cpu_ms = 1e3 * (time.process_time() - cpu_started) / (setup.reps + setup.warmup)
     torch.save(dict(loss=loss, grads={name: leaf.grad for name, leaf in leaves.items()}, median_ms=median,
-                    p20_ms=p20, p80_ms=p80, calls=dict(meter.calls), bytes=dict(meter.bytes),
+                    p20_ms=p20, p80_ms=p80, cpu_ms=cpu_ms, calls=dict(meter.calls), bytes=dict(meter.bytes),
                     collective_ms=1e3 * sum(meter.seconds.values())), Path(out_dir) / f"rank{rank}.pt")
     if group is not None:
         dist.destroy_process_group()
@@ -166,7 +168,8 @@ def run(setup: Setup, worlds: Sequence[int]) -> List[Dict[str, object]]:
         weight = torch.cat([rank["grads"]["weight"] for rank in ranks])
         rows.append(dict(
             ranks=world, median_ms=first["median_ms"], p20_ms=first["p20_ms"], p80_ms=first["p80_ms"],
-            time_ratio=first["median_ms"] / single["median_ms"], collective_ms=first["collective_ms"],
+            time_ratio=first["median_ms"] / single["median_ms"], cpu_ms=first["cpu_ms"],
+            cpu_ratio=first["cpu_ms"] / single["cpu_ms"], collective_ms=first["collective_ms"],
             **{f"{name}_calls": first["calls"].get(name, 0) for name in COLLECTIVES},
             **{f"{name}_bytes": first["bytes"].get(name, 0) for name in COLLECTIVES},
             loss_error=relative_error(first["loss"], single["loss"]),
@@ -175,16 +178,19 @@ def run(setup: Setup, worlds: Sequence[int]) -> List[Dict[str, object]]:
     return rows
 
 
-def markdown(setup: Setup, rows: Sequence[Dict[str, object]]) -> List[str]:
+def markdown(setup: Setup, rows: Sequence[Dict[str, object]], load: Sequence[float]) -> List[str]:
+    """The rows as a table, under a line that gives the setup and the load averages (1, 5, 15 min) before the run."""
     s = setup
     lines = [f"N = {s.tokens} tokens (two passes), D = {s.dim}, V = {s.vocab}, {s.dtype}, {s.threads} thread(s) per "
              f"process, median of {s.reps} after {s.warmup} warm-up; git {git_sha()}; load average before the run "
-             f"{os.getloadavg()[0]:.2f}", "",
-             "| ranks | median ms (p20-p80) | / 1 rank | in collectives ms (waits included) | all-gather calls, bytes "
-             "| all-reduce calls, bytes | max rel. diff: loss, dH, dW |", "| ---: | --- | ---: | ---: | --- | --- | --- |"]
+             f"{', '.join(f'{value:.2f}' for value in load)} on {os.cpu_count()} cores", "",
+             "| ranks | median ms (p20-p80) | / 1 rank | rank 0's CPU ms per call | / 1 rank | in collectives ms (waits "
+             "included) | all-gather calls, bytes | all-reduce calls, bytes | max rel. diff: loss, dH, dW |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for row in rows:
         lines.append(f"| {row['ranks']} | {row['median_ms']:.1f} ({row['p20_ms']:.1f}-{row['p80_ms']:.1f}) | "
-                     f"{row['time_ratio']:.2f} | {row['collective_ms']:.1f} | {row['all_gather_calls']}, "
+                     f"{row['time_ratio']:.2f} | {row['cpu_ms']:.1f} | {row['cpu_ratio']:.2f} | "
+                     f"{row['collective_ms']:.1f} | {row['all_gather_calls']}, "
                      f"{row['all_gather_bytes']} | {row['all_reduce_calls']}, {row['all_reduce_bytes']} | "
                      f"{row['loss_error']:.1e}, {row['hidden_grad_error']:.1e}, {row['weight_grad_error']:.1e} |")
     return lines
@@ -205,8 +211,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     args = parse_args(argv)
     setup = Setup(args.tokens, args.dim, args.vocab, args.dtype, args.reps, args.warmup, args.threads)
+    load = os.getloadavg()
     rows = run(setup, [1] + [world for world in args.ranks if world != 1])
-    print("\n".join(markdown(setup, rows)))
+    print("\n".join(markdown(setup, rows, load)))
     return rows
 
 

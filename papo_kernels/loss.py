@@ -23,7 +23,7 @@ Under ``torch.func`` transforms only ``path='per_token'`` with ``backend='refere
 autograd) runs; every other choice is a clear error.
 
 Both paths also run over a vocabulary-parallel head (``vocab_parallel_group``, ``vocab_parallel.py``),
-eagerly: under ``torch.compile`` such a call is a graph break.
+eagerly: under ``torch.compile`` such a call runs outside the graph (``torch.compiler.disable``).
 """
 
 import inspect
@@ -420,12 +420,12 @@ def papo_loss(
     if vocab_parallel_group is None:
         check_without_group(vocab_parallel_hidden_grad)
     if torch.compiler.is_compiling():
-        if vocab_parallel_group is not None:  # collectives run eagerly: a graph break (fullgraph=True refuses it)
-            return _eager_papo_loss(hidden, weight, completion_ids, completion_mask, advantages,
-                                    hidden_masked=hidden_masked, masked_logprobs=masked_logprobs,
-                                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                                    policy_weights=policy_weights, bias=bias, vocab_parallel_group=vocab_parallel_group,
-                                    vocab_parallel_hidden_grad=vocab_parallel_hidden_grad, **hyperparameters)
+        if vocab_parallel_group is not None:  # the call and its collectives run eagerly, outside the graph
+            return torch.compiler.disable(papo_loss)(
+                hidden, weight, completion_ids, completion_mask, advantages, hidden_masked=hidden_masked,
+                masked_logprobs=masked_logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                policy_weights=policy_weights, bias=bias, vocab_parallel_group=vocab_parallel_group,
+                vocab_parallel_hidden_grad=vocab_parallel_hidden_grad, **hyperparameters)
         return loss_op.traced_papo_loss(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked,
                                         masked_logprobs, old_logprobs, ref_logprobs, policy_weights, bias,
                                         hyperparameters)
@@ -475,10 +475,6 @@ def papo_loss(
             loss, terms = _per_token_path(rows, rows_masked, weight, bias, tokens, batch, objective,
                                           h["temperature"], h["backend"], shard)
         return loss, _metrics(terms, index.numel(), dtype, hidden.device)
-
-
-# papo_loss over a vocabulary-parallel head under torch.compile: run eagerly (a graph break), collectives and all.
-_eager_papo_loss = torch.compiler.disable(papo_loss)
 
 
 def _shared_settings(h: Dict[str, object]) -> Dict[str, object]:

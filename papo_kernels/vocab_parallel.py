@@ -16,7 +16,7 @@ What each rank computes and receives (``papo_loss``, the LM-head ops, with ``voc
   every rank, and dZ on the rank's columns needs only the all-reduced statistics);
 - the hidden states' gradients: each rank's columns give a partial dZ W; with
   ``vocab_parallel_hidden_grad="all_reduce"`` (the default) they are summed over the group in
-  backward (``all_reduce_gradients``, Megatron's copy to the tensor-parallel region), so that
+  backward (``hidden_inputs``, Megatron's copy to the tensor-parallel region), so that
   ``hidden.grad`` is complete on every rank; ``"partial"`` leaves each rank its own part, for
   frameworks whose region reduces it already (``copy_to_tensor_model_parallel_region``, or sequence
   parallelism's all-gather, whose backward is a reduce-scatter).
@@ -27,9 +27,13 @@ Communication per call, none of it of size V:
   the ids' range and sum, the settings' fingerprint, and whether each rank's own checks passed; any
   disagreement or refusal is an error on every rank rather than a rank left waiting in a collective;
 - on the fast path, one all-reduce of the chunk size (min: ranks whose memory differs agree on it);
-- per row chunk (fast path) or per call (LM-head ops): an all-reduce (max) of one float per token and
-  pass, then an all-reduce (sum) of 3 floats per token for one pass, 7 for a clean/masked pair;
+- per row chunk (fast path) or per call (the LM-head ops' torch backend): an all-reduce (max) of one
+  float per token and pass, then an all-reduce (sum) of 3 floats per token for one pass, 7 for a
+  clean/masked pair;
 - in backward, one all-reduce (sum) of the hidden gradients, n x D per pass, unless ``"partial"``.
+
+The LM-head ops' reference backend, written for clarity, sums each statistic over the group by itself
+and all-reduces the logsumexp's gradient in backward (``replicated``); O(N) floats all the same.
 """
 
 import math
@@ -53,7 +57,6 @@ class VocabShard:
     """This rank's block of the vocabulary: ids [start, start + size) of vocab_size, and the group's settings."""
 
     group: object  # a torch.distributed ProcessGroup
-    rank: int
     start: int
     size: int
     vocab_size: int
@@ -195,7 +198,7 @@ def agree_on_inputs(group, hidden_grad: str, check: Callable[[], Result], *, hid
     if problem is not None:
         raise ValueError(f"vocab_parallel_group: {problem}") from error
     rank = dist.get_rank(group)
-    return result, VocabShard(group, rank, sum(row["weight_rows"] for row in table[:rank]), table[rank]["weight_rows"],
+    return result, VocabShard(group, sum(row["weight_rows"] for row in table[:rank]), table[rank]["weight_rows"],
                               sum(row["weight_rows"] for row in table), hidden_grad)
 
 

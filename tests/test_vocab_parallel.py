@@ -93,14 +93,16 @@ def test_partial_hidden_gradients_sum_over_the_ranks_to_the_gradient(ranks):
                  atol=1e-12)
 
 
-def test_papo_loss_module_holds_the_group(ranks):
-    """PAPOLoss(vocab_parallel_group=group, ...) gives each rank what papo_loss gives it."""
+@pytest.mark.parametrize("way", ["module", "compiled"])
+def test_papo_loss_module_and_torch_compile_take_the_group(ranks, way):
+    """PAPOLoss(vocab_parallel_group=group, ...), and papo_loss under torch.compile (where the group's call runs
+    eagerly, a graph break), give each rank what papo_loss gives it."""
     for rank, result in enumerate(ranks):
-        module, direct = result["module"], result["losses"][FLOAT64_CASES[0].name]
-        assert not isinstance(module, str), f"rank {rank}: {module}"
-        assert torch.equal(module[0], direct[0]), f"rank {rank}: loss {module[0]} != {direct[0]}"
+        other, direct = result[way], result["losses"][FLOAT64_CASES[0].name]
+        assert not isinstance(other, str), f"rank {rank}: {other}"
+        assert torch.equal(other[0], direct[0]), f"rank {rank}: loss {other[0]} != {direct[0]}"
         for name, grad in direct[2].items():
-            assert torch.equal(module[2][name], grad), f"rank {rank}: grad of {name} differs"
+            assert torch.equal(other[2][name], grad), f"rank {rank}: grad of {name} differs"
 
 
 def rounded_to(dtype: torch.dtype):
@@ -155,10 +157,11 @@ def expected_errors(world: int):
         "op backend triton": "backend='triton' has no vocabulary-parallel form",
     }
     expected = {name: {rank: message for rank in range(world)} for name, message in everywhere.items()}
+    refused = re.escape(f"rank(s) [{last}] of vocab_parallel_group refused their inputs")
     expected["one rank refuses a setting"] = {
-        rank: (r"temperature must be a finite number in \(0.0, inf\)" if rank == last else
-               re.escape(f"rank(s) [{last}] of vocab_parallel_group refused their inputs"))
-        for rank in range(world)}
+        rank: r"temperature must be a finite number in \(0.0, inf\)" if rank == last else refused for rank in range(world)}
+    expected["one rank's bias block is not finite"] = {
+        rank: "bias must hold finite numbers, got inf" if rank == last else refused for rank in range(world)}
     return expected
 
 

@@ -6,7 +6,6 @@ inputs, and saves what it got to ``out_dir/rank<r>.pt``. The test module runs th
 process with the whole head and compares.
 """
 
-import functools
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -121,9 +120,10 @@ def block(sizes: Sequence[int], rank: int) -> slice:
     return slice(start, start + sizes[rank])
 
 
-def run_case(batch, case: Case, rows: slice = slice(None), module: bool = False, **call_options):
-    """papo_loss on ``case`` with the head's rows ``rows`` (through ``PAPOLoss`` holding the settings and
-    ``call_options`` when ``module``): (loss, metrics, gradients of the leaves)."""
+def run_case(batch, case: Case, rows: slice = slice(None), way: str = "papo_loss", **call_options):
+    """papo_loss on ``case`` with the head's rows ``rows``, called directly, through ``PAPOLoss`` holding the settings
+    and ``call_options`` (``way="module"``) or under ``torch.compile`` (``way="compiled"``): (loss, metrics,
+    gradients of the leaves)."""
     leaves = {"hidden": batch["hidden"], "weight": batch["weight"][rows]}
     options = case.options()
     if case.bias:
@@ -136,8 +136,13 @@ def run_case(batch, case: Case, rows: slice = slice(None), module: bool = False,
         options.update(old_logprobs=batch["old_logprobs"].to(case.dtype),
                        ref_logprobs=batch["ref_logprobs"].to(case.dtype), beta=0.05)
     leaves = {name: value.to(case.dtype).clone().requires_grad_() for name, value in leaves.items()}
-    loss_function = PAPOLoss(**options, **call_options) if module else functools.partial(papo_loss, **options,
-                                                                                          **call_options)
+    if way == "module":
+        loss_function = PAPOLoss(**options, **call_options)
+    else:
+        def loss_function(*tensors, **more):
+            return papo_loss(*tensors, **options, **call_options, **more)
+        if way == "compiled":
+            loss_function = torch.compile(loss_function, backend="eager")
     loss, metrics = loss_function(leaves["hidden"], leaves["weight"], batch["completion_ids"],
                                   batch["completion_mask"], batch["advantages"].to(case.dtype),
                                   hidden_masked=leaves.get("hidden_masked"), bias=leaves.get("bias"))
@@ -184,6 +189,8 @@ def _bad_calls(batch, rank: int, world: int):
     wider = torch.randn(B, T, D + 1, dtype=torch.float64)
     out_of_range = batch["completion_ids"].clone()
     out_of_range[1, 0] = V
+    inf_bias = batch["bias"][rows].clone()
+    inf_bias[-1] = float("inf")
     other_ids = batch["completion_ids"].clone()
     other_ids[1, 1] = (other_ids[1, 1] + 1) % V
     return {
@@ -198,6 +205,7 @@ def _bad_calls(batch, rank: int, world: int):
         "one rank refuses a setting": lambda: call(temperature=-1.0 if last else 1.0),
         "settings differ": lambda: call(temperature=0.5 if last else 1.0),
         "ids differ": lambda: call(ids=other_ids if last else None),
+        "one rank's bias block is not finite": lambda: call(bias=inf_bias if last else batch["bias"][rows]),
         "op id outside the global vocabulary": lambda: _linear_logprobs(batch, rows, out_of_range.clamp(min=0)),
         "op backend triton": lambda: _linear_logprobs(batch, rows, batch["completion_ids"].clamp(min=0),
                                                       backend="triton"),
@@ -232,8 +240,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     for name, op, backend, bias, temperature in OP_CASES:
         results["ops"][name] = _recorded(lambda: run_op(batch, op, backend, bias, temperature, rows,
                                                         vocab_parallel_group=group))
-    results["module"] = _recorded(lambda: run_case(batch, FLOAT64_CASES[0], rows, module=True,
-                                                   vocab_parallel_group=group))
+    for way in ("module", "compiled"):
+        results[way] = _recorded(lambda: run_case(batch, FLOAT64_CASES[0], rows, way, vocab_parallel_group=group))
     for name, bad_call in _bad_calls(batch, rank, world).items():
         started = time.monotonic()
         try:
