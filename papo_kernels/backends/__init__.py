@@ -6,8 +6,10 @@ Each backend module provides the same two functions on flattened inputs,
 see ``reference.py`` for the semantics.
 
 - ``reference``: materialises the logits; the one copy tests compare against.
-- ``torch``: chunked plain PyTorch with bounded temporaries; runs anywhere.
-- ``triton``: fused Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+- ``torch``: chunked plain PyTorch with bounded temporaries; runs anywhere (on CUDA, the chunked library products
+  of ``head_chunks.py`` with the fast path's torch epilogue).
+- ``triton``: the statistics GEMM of ``triton_logit_statistics.py`` forward, the chunked library products with the
+  fast path's Triton epilogue backward; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 - ``auto``: ``triton`` for CUDA tensors when Triton imports (``torch`` for float64 ones, and with one warning
   where Triton does not import), ``torch`` elsewhere.
 
@@ -23,11 +25,8 @@ from typing import Union
 import torch
 
 from .._checks import check_choice
-from . import reference, torch_chunked
 
 BACKENDS = ("auto", "reference", "torch", "triton")
-
-_MODULES = {"reference": reference, "torch": torch_chunked}
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 goes to the torch backend
 
@@ -66,6 +65,13 @@ def _triton_interpreted() -> bool:
     from triton import knobs
 
     return bool(knobs.runtime.interpret)
+
+
+# Imported after the helpers above: the torch backend's CUDA path runs on the fast path's pieces, whose epilogue
+# registry imports those helpers from this package.
+from . import reference, torch_chunked  # noqa: E402
+
+_MODULES = {"reference": reference, "torch": torch_chunked}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,5 +1,10 @@
 """The torch backend: the fused computation in plain PyTorch, chunked over vocabulary and rows.
 
+On CUDA tensors it runs the chunked design of ``head_chunks.py`` with the torch epilogue: per chunk of tokens the
+library product ``[h; h~] W^T`` over the whole vocabulary, the epilogue's statistics and dZ, and the library
+products of the gradients (one float32 copy of a half weight would not fit the CPU's budget; the CUDA products
+take half inputs as they are). Elsewhere, what follows.
+
 For machines without Triton (CPUs, macOS). The logits z = (h @ W.T + b) / tau are
 built one (rows x vocabulary) block at a time; per row an online softmax keeps the
 running max m, s = sum_v exp(z_v - m) and t = sum_v exp(z_v - m) (z_v - m), and for
@@ -23,6 +28,8 @@ import torch
 from torch import Tensor
 
 from .._guards import fused_backward
+from . import head_chunks
+from .head_chunks import GradientPlan
 from .reference import compute_dtype
 
 DEFAULT_TEMPORARY_BYTES = 256 * 2**20
@@ -144,27 +151,6 @@ def forward_statistics(hidden, hidden_masked, weight, bias, tokens, options: Chu
     # KL(p || q) = (t - u) / s - log s + log s~
     kl = (clean.shifted - cross) / clean.sum - clean.sum.log() + masked.sum.log()
     return (logprobs, entropy, lse), (token_logit_masked - lse_masked, entropy_masked, lse_masked, kl)
-
-
-@dataclass(frozen=True)
-class GradientPlan:
-    """Which dz each pass needs, from the upstream gradients present and the inputs that want a gradient."""
-
-    clean_dz: bool
-    masked_dz: bool
-    clean_logits: bool
-    masked_logits: bool
-
-    @classmethod
-    def make(cls, grads, needs_hidden, needs_hidden_masked, needs_head) -> "GradientPlan":
-        """grads: (g_l, g_l~, g_H, g_H~, g_KL), None where absent; needs_head: weight or bias wants a gradient."""
-        logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad = grads
-        has_kl = kl_grad is not None
-        clean_dz = (logprob_grad is not None or entropy_grad is not None or has_kl) and (needs_hidden or needs_head)
-        masked_dz = (logprob_masked_grad is not None or entropy_masked_grad is not None or has_kl) and (
-            needs_hidden_masked or needs_head)
-        # the KL terms couple the passes: dz needs log q, dz~ needs p
-        return cls(clean_dz, masked_dz, clean_dz or (masked_dz and has_kl), masked_dz or (clean_dz and has_kl))
 
 
 def _clean_dz(log_p, p, log_q, tokens, start, logprob_grad, entropy_grad, kl_grad, entropy, kl) -> Tensor:
@@ -312,6 +298,9 @@ def linear_logprobs(
     *, temporary_bytes: int = DEFAULT_TEMPORARY_BYTES,
 ) -> Tuple[Tensor, Tensor]:
     """Same as ``reference.linear_logprobs``, chunked so that temporaries stay under ``temporary_bytes``."""
+    if hidden.device.type == "cuda":
+        return head_chunks.linear_logprobs(hidden, weight, tokens, bias,
+                                           head_chunks.HeadOptions(head_chunks.TORCH_HEAD, temperature, temporary_bytes))
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
                             temporary_bytes)
     return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, tokens, options)
@@ -322,6 +311,10 @@ def linear_perception_kl(
     *, temporary_bytes: int = DEFAULT_TEMPORARY_BYTES,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Same as ``reference.linear_perception_kl``, chunked so that temporaries stay under ``temporary_bytes``."""
+    if hidden.device.type == "cuda":
+        return head_chunks.linear_perception_kl(
+            hidden, hidden_masked, weight, tokens, bias,
+            head_chunks.HeadOptions(head_chunks.TORCH_HEAD, temperature, temporary_bytes))
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
                             temporary_bytes)
     return ChunkedLinearPerceptionKLFunction.apply(hidden, hidden_masked, weight, bias, tokens, options)
