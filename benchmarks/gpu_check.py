@@ -17,7 +17,9 @@ Parts, in the order they run (benchmarks/NOTES.md, "GPU"):
    implementation and peer, both logit distributions at the headline shape first, against the
    same-run matrix-product rate;
 4. stages (``stages.py``): the fast path at D = 3584, V = 152064, N = 16384, bf16, stage by
-   stage, for workspace budgets of 256 MiB to 2 GiB.
+   stage, for workspace budgets of 256 MiB to 2 GiB;
+5. logit statistics (``logit_statistics.py``): the statistics GEMM at the same shape, its forward-only log-probs
+   and its use as the fast path's logits product, beside the same-run head product (a table in the summary).
 
 Files under ``--out`` (at most 7: the device tool brings back 8, each under 16 MiB):
 ``summary.md``, ``correctness.csv``, ``stages.csv``, the sweep's ``<device>.csv``, ``.md``
@@ -39,15 +41,16 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import correctness, environment, run, stages
+from . import correctness, environment, logit_statistics, run, stages
 from .implementations import Shape, implementations
 
-PARTS = {"all": ("correctness", "sweep", "stages"), "check": ("correctness", "stages"), "sweep": ("sweep",),
-         "correctness": ("correctness",), "stages": ("stages",)}
+PARTS = {"all": ("correctness", "sweep", "stages", "logit_statistics"), "check": ("correctness", "stages"),
+         "sweep": ("sweep",), "correctness": ("correctness",), "stages": ("stages",),
+         "logit_statistics": ("logit_statistics",)}
 # Each part's share of the time limit: a part may start new work until its share of what is left runs out, and
 # time a part leaves unused passes to the parts after it. One device call holds all three (a task's device time
 # is 15 minutes, a machine's start included), so no part can starve the headline sweep.
-PART_SHARES = {"correctness": 3, "sweep": 4, "stages": 2}
+PART_SHARES = {"correctness": 3, "sweep": 4, "stages": 2, "logit_statistics": 1}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PAIRS = (("papo_loss", "full"), ("logprobs", "forward"))
 HEADS = {"Qwen2.5-VL-3B": (2048, 151936), "Qwen2.5-VL-7B": (3584, 152064)}
@@ -215,7 +218,14 @@ def sweep_part(context: Context) -> List[str]:
     return sweep_section(rows, n, sweep.heads[head])
 
 
-PART_RUNS = {"correctness": correctness_part, "stages": stages_part, "sweep": sweep_part}
+def logit_statistics_part(context: Context) -> List[str]:
+    timer = stages.Timer(context.device, *STAGE_REPS[context.device.type])
+    rows = logit_statistics.run_rows(context.device, context.args.tiny, timer, context.deadline, log)
+    return logit_statistics.section(rows)
+
+
+PART_RUNS = {"correctness": correctness_part, "stages": stages_part, "sweep": sweep_part,
+             "logit_statistics": logit_statistics_part}
 
 
 def part_deadline(now: float, deadline: float, remaining_parts: Sequence[str]) -> float:

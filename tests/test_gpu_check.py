@@ -116,9 +116,20 @@ def test_each_part_gets_its_share_of_the_time_left():
     assert first == pytest.approx(100.0 + gpu_check.PART_SHARES[parts[0]])
     # a part that finishes early hands its unused time to the parts after it
     early = gpu_check.part_deadline(101.0, 100.0 + total, parts[1:])
-    rest = gpu_check.PART_SHARES[parts[1]] + gpu_check.PART_SHARES[parts[2]]
+    rest = sum(gpu_check.PART_SHARES[part] for part in parts[1:])
     assert early == pytest.approx(101.0 + (total - 1.0) * gpu_check.PART_SHARES[parts[1]] / rest)
     assert gpu_check.part_deadline(200.0, 100.0 + total, parts[2:]) == 200.0  # past the limit: no new work
+
+
+def test_summary_has_the_statistics_gemm_rows(tiny_run):
+    out, _ = tiny_run
+    summary = (out / "summary.md").read_text()
+    assert "## Statistics GEMM" in summary
+    table = summary.split("## Statistics GEMM", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| row")]
+    assert {line.split(" | ")[0].removeprefix("| ") for line in rows} == set(
+        ("head product", "log-probs forward", "pair forward", "fast-path logits, fused", "fast-path logits, now"))
+    assert all(line.rstrip().endswith("| ok |") for line in rows), rows
 
 
 def test_cpu_mode_needs_tiny(capsys):

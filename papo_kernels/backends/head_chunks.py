@@ -134,8 +134,9 @@ def forward_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: 
     if not parts:
         empty = hidden.new_empty(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         return HeadStatistics(RowStatistics(*[empty] * (7 if paired else 3)), None)
-    stats = RowStatistics(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*(p.stats for p in parts))))
-    maxima = None if parts[0].maxima is None else torch.cat([p.maxima for p in parts], dim=1)
+    stats = RowStatistics(*(None if fields[0] is None else torch.cat(fields)
+                            for fields in zip(*(part.stats for part in parts))))
+    maxima = None if parts[0].maxima is None else torch.cat([part.maxima for part in parts], dim=1)
     return HeadStatistics(stats, maxima)
 
 
@@ -151,7 +152,12 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions):
     plan = GradientPlan.make(grads, needs_hidden, needs_hidden_masked, needs_weight or needs_bias)
     if not (plan.clean_dz or plan.masked_dz):
         return None, None, None, None
-    logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad = grads
+    # Absent upstream gradients go in as zeros: the epilogue then runs in one of two variants (one pass, or a pair
+    # with every term) instead of one per subset of gradients, at a few more operations per logit in a sweep that
+    # memory bounds. Zero-weighted terms add exact zeros (every factor is finite).
+    present = next(g for g in grads if g is not None)
+    logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad = (
+        torch.zeros_like(present) if g is None else g for g in grads)
     # The passes whose logits dZ needs, clean first, and the upstream gradients in the epilogue's slots: a lone
     # masked pass takes the clean slot (without the KL, the two passes' formulas are the same).
     if plan.clean_logits and plan.masked_logits:
@@ -186,7 +192,7 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions):
 
     shifts = None if maxima is None else maxima[list(pass_inputs)]
     if options.head.scaled_logits:  # the logits are z: dZ with respect to them, times 1 / tau
-        slots = tuple(None if g is None else g / options.temperature for g in slots)
+        slots = tuple(g / options.temperature for g in slots)
         gradient_bias, gradient_temperature = None, 1.0
     else:
         gradient_bias, gradient_temperature = bias, options.temperature
@@ -202,7 +208,7 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions):
         stats = options.head.statistics(
             weight, products, chunk_rows[:count], chunk_rows[count:] if passes == 2 else None, tokens[rows], bias,
             options.temperature, logits, None if shifts is None else shifts[:, rows].contiguous()).stats
-        upstream = UpstreamGradients(*(None if g is None else g[rows] for g in slots))
+        upstream = UpstreamGradients(*(g[rows] for g in slots))
         dz = logits if dz_buffer is None else dz_buffer[:passes * count]
         epilogue.logit_gradient(logits, tokens[rows], gradient_bias, gradient_temperature, stats, upstream, dz)
         if row_passes:

@@ -299,8 +299,8 @@ def linear_logprobs(
 ) -> Tuple[Tensor, Tensor]:
     """Same as ``reference.linear_logprobs``, chunked so that temporaries stay under ``temporary_bytes``."""
     if hidden.device.type == "cuda":
-        return head_chunks.linear_logprobs(hidden, weight, tokens, bias,
-                                           head_chunks.HeadOptions(head_chunks.TORCH_HEAD, temperature, temporary_bytes))
+        options = head_chunks.HeadOptions(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
+        return head_chunks.linear_logprobs(hidden, weight, tokens, bias, options)
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
                             temporary_bytes)
     return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, tokens, options)
@@ -312,9 +312,8 @@ def linear_perception_kl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Same as ``reference.linear_perception_kl``, chunked so that temporaries stay under ``temporary_bytes``."""
     if hidden.device.type == "cuda":
-        return head_chunks.linear_perception_kl(
-            hidden, hidden_masked, weight, tokens, bias,
-            head_chunks.HeadOptions(head_chunks.TORCH_HEAD, temperature, temporary_bytes))
+        options = head_chunks.HeadOptions(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
+        return head_chunks.linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, options)
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
                             temporary_bytes)
     return ChunkedLinearPerceptionKLFunction.apply(hidden, hidden_masked, weight, bias, tokens, options)

@@ -40,19 +40,23 @@ PARTIAL_FIELDS = {False: 3, True: 7}  # (m, s, t), then (m~, s~, t~, u) for pair
 # limit and without register spills (tests/test_triton_compile.py). A CTA's tile is two row groups of BLOCK_N rows
 # by BLOCK_V columns: with BLOCK_V = 256 on sm_90 the two float32 accumulators hold 128 registers per thread and
 # the statistics epilogue pushes the kernel past 255 registers (8 to 120 bytes spilled, Triton 3.9), so the tile
-# is 2 x 64 x 128. float32 inputs multiply exactly ("ieee": FMA, not tensor cores), through pointer loads (TMA
-# loads into that path spill hundreds of bytes).
-_HALF_SM80 = LaunchConfig(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP_N=16, USE_TMA=False), 8, 4)
+# is 2 x 64 x 128. Operands whose rows are not 16-byte aligned (or a vocabulary that is not a multiple of 16) load
+# and store element by element, which needs more registers: a 2 x 64 x 64 tile then. float32 inputs multiply
+# exactly ("ieee": FMA, not tensor cores), through pointer loads (TMA loads into that path spill hundreds of bytes).
+_HALF_UNALIGNED = LaunchConfig(dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, GROUP_N=16, USE_TMA=False), 8, 3)
+# sm_8x: 73728 bytes of shared memory, within the 99 KiB of sm_86 and sm_89 as well as sm_80's 163 KiB
+_HALF_SM80 = LaunchConfig(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, GROUP_N=16, USE_TMA=False), 8, 3)
 _FLOAT32 = LaunchConfig(dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=32, GROUP_N=16, USE_TMA=False), 8, 2)
 _INTERPRETER = LaunchConfig(dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, GROUP_N=2, USE_TMA=False), 1, 1)
 PARTIALS_CONFIGS = {
     "half": KernelConfigs(
         {9: LaunchConfig(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, GROUP_N=16, USE_TMA=True), 8, 4), 8: _HALF_SM80},
-        fallback=_HALF_SM80, interpreter=_INTERPRETER),
+        fallback=_HALF_UNALIGNED, interpreter=_INTERPRETER),
+    "half_unaligned": KernelConfigs({}, fallback=_HALF_UNALIGNED, interpreter=_INTERPRETER),
     "float32": KernelConfigs({}, fallback=_FLOAT32, interpreter=_INTERPRETER),
 }
 FINALIZE_CONFIGS = KernelConfigs(
-    {}, fallback=LaunchConfig(dict(BLOCK_N=32, BLOCK_T=64), 4, 1),
+    {}, fallback=LaunchConfig(dict(BLOCK_N=32, BLOCK_T=16), 4, 1),
     interpreter=LaunchConfig(dict(BLOCK_N=8, BLOCK_T=4), 1, 1))
 
 
@@ -94,15 +98,10 @@ def _tile_products(
 
 
 @triton.jit
-def _scaled(acc, bias_ptr, cols, col_ok, shift_ptr, slots, slot_ok, temperature, HAS_BIAS: tl.constexpr,
-            HAS_SHIFT: tl.constexpr):
-    """z = (acc + b) / tau - c, with c the rows' shifts (at ``slots`` of the shift array) or 0."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    z = acc / temperature
-    if HAS_SHIFT:
-        z -= tl.load(shift_ptr + slots, mask=slot_ok, other=0.0)[:, None]
-    return z
+def _scaled(acc, bias_ptr, cols, col_ok, shift_ptr, slots, slot_ok, temperature):
+    """z = (acc + b) / tau - c, with c the rows' shifts (at ``slots`` of the shift array)."""
+    acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc / temperature - tl.load(shift_ptr + slots, mask=slot_ok, other=0.0)[:, None]
 
 
 @triton.jit
@@ -145,20 +144,21 @@ def _store_pass_partials(out, rows, row_ok, field_stride, running_max, exp_sum, 
 
 @triton.jit
 def _logit_partials_kernel(
-    # inputs: row operands of each pass and the weight (pointers, or tensor descriptors when USE_TMA), bias, ids,
-    # per-row shifts (passes, N)
+    # inputs: row operands of each pass and the weight (pointers, or tensor descriptors when USE_TMA), bias (V,),
+    # ids, per-row shifts c (passes, N). A missing bias or shift comes as zeros: a load per tile rather than more
+    # variants of the kernel to compile.
     hidden, hidden_masked, weight, bias_ptr, tokens_ptr, shift_ptr,
     # outputs: partials (FIELDS, vocabulary tiles, N), token logits (passes, N), logits z (passes * N, V)
     partials_ptr, token_logits_ptr, logits_ptr,
     # sizes
     n_tokens, vocab_size, dim,
-    # strides
-    stride_hidden, stride_hidden_masked, stride_weight, stride_logits,
+    # strides (field_stride = vocabulary tiles x N: between two fields of the partials)
+    stride_hidden, stride_hidden_masked, stride_weight, stride_logits, field_stride,
     # runtime scalars
     temperature,
     # constexpr flags
-    HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIRED: tl.constexpr, STORE_LOGITS: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAIRED: tl.constexpr, STORE_LOGITS: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     # block sizes and the order of the tiles (GROUP_N token tiles sweep the vocabulary side by side)
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -169,7 +169,6 @@ def _logit_partials_kernel(
     token_tiles = tl.cdiv(n_tokens, TILE_TOKENS)
     vocab_tiles = tl.cdiv(vocab_size, BLOCK_V)
     tiles_per_group = GROUP_N * vocab_tiles
-    field_stride = vocab_tiles.to(tl.int64) * n_tokens
     for tile in tl.range(tl.program_id(0), token_tiles * vocab_tiles, tl.num_programs(0), flatten=True):
         # grouped order: programs running at once share GROUP_N token tiles and a few weight tiles in L2
         group_start = (tile // tiles_per_group) * GROUP_N
@@ -194,9 +193,8 @@ def _logit_partials_kernel(
         )
         # where the second group's rows go in the (passes * N) arrays: after the N clean rows when PAIRED
         second_slots = second_rows + n_tokens if PAIRED else second_rows
-        z = _scaled(acc, bias_ptr, cols, col_ok, shift_ptr, rows, row_ok, temperature, HAS_BIAS, HAS_SHIFT)
-        z_second = _scaled(acc_second, bias_ptr, cols, col_ok, shift_ptr, second_slots, second_ok, temperature,
-                           HAS_BIAS, HAS_SHIFT)
+        z = _scaled(acc, bias_ptr, cols, col_ok, shift_ptr, rows, row_ok, temperature)
+        z_second = _scaled(acc_second, bias_ptr, cols, col_ok, shift_ptr, second_slots, second_ok, temperature)
         if STORE_LOGITS:
             tl.store(logits_ptr + rows[:, None] * stride_logits + cols[None, :], z,
                      mask=row_ok[:, None] & col_ok[None, :])
@@ -252,6 +250,8 @@ def _finalize_kernel(
     logprobs_ptr, entropy_ptr, lse_ptr, logprobs_masked_ptr, entropy_masked_ptr, lse_masked_ptr, kl_ptr, maxima_ptr,
     # sizes
     n_tokens, vocab_tiles,
+    # strides
+    field_stride,
     # constexpr flags
     PAIRED: tl.constexpr,
     # block sizes
@@ -261,7 +261,6 @@ def _finalize_kernel(
     row_ok = rows < n_tokens
     (_, running_max, exp_sum, shifted_sum, _, running_max_masked, exp_sum_masked, shifted_sum_masked,
      cross_sum) = initial_pair_state(BLOCK_N)
-    field_stride = vocab_tiles.to(tl.int64) * n_tokens
     for tile_start in range(0, vocab_tiles, BLOCK_T):
         tiles = tile_start + tl.arange(0, BLOCK_T).to(tl.int64)
         tile_ok = (tiles < vocab_tiles)[None, :]
@@ -308,14 +307,17 @@ def _operand(tensor: Tensor, block_shape, use_tma: bool):
     return TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), block_shape) if use_tma else tensor
 
 
-def _tma_ready(*tensors: Tensor) -> bool:
-    """Whether TMA can load these (R, D) operands: 16-byte aligned starts and row strides, unit column stride."""
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1
+def _aligned_rows(*tensors: Optional[Tensor]) -> bool:
+    """Whether these (R, C) operands have 16-byte aligned starts and row strides (TMA can load them; pointer
+    loads and stores go 16 bytes at a time)."""
+    return all(t is None or (t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0)
                for t in tensors)
 
 
-def _partials_configs(dtype: torch.dtype) -> KernelConfigs:
-    return PARTIALS_CONFIGS["float32" if dtype == torch.float32 else "half"]
+def _partials_configs(dtype: torch.dtype, aligned: bool) -> KernelConfigs:
+    if dtype == torch.float32:
+        return PARTIALS_CONFIGS["float32"]
+    return PARTIALS_CONFIGS["half" if aligned else "half_unaligned"]
 
 
 def logit_partials(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
@@ -336,25 +338,30 @@ def logit_partials(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tens
     assert logits is None or (logits.dtype == torch.float32 and logits.stride(1) == 1
                               and logits.shape == (passes * n, vocab_size))
     assert shift is None or (shift.dtype == torch.float32 and shift.shape == (passes, n) and shift.is_contiguous())
-    config = launch_config(_partials_configs(hidden.dtype), hidden.device)
+    aligned = _aligned_rows(hidden, hidden_masked, weight, logits) and vocab_size % 16 == 0
+    config = launch_config(_partials_configs(hidden.dtype, aligned), hidden.device)
     blocks = dict(config.blocks)
     vocab_tiles = triton.cdiv(vocab_size, blocks["BLOCK_V"])
     partials = torch.empty((PARTIAL_FIELDS[paired], vocab_tiles, n), dtype=torch.float32, device=hidden.device)
     token_logits = torch.zeros((passes, n), dtype=torch.float32, device=hidden.device)
     if n == 0:
         return Partials(partials, token_logits)
-    blocks["USE_TMA"] = blocks["USE_TMA"] and _tma_ready(hidden, hidden_masked, weight)
     row_block, weight_block = [blocks["BLOCK_N"], blocks["BLOCK_D"]], [blocks["BLOCK_V"], blocks["BLOCK_D"]]
     tiles = triton.cdiv(n, blocks["BLOCK_N"] * (1 if paired else 2)) * vocab_tiles
+    if shift is None:
+        shift = torch.zeros((passes, n), dtype=torch.float32, device=hidden.device)
+    if bias is None:
+        bias = torch.zeros(vocab_size, dtype=weight.dtype, device=weight.device)
     _logit_partials_kernel[(min(tiles, multiprocessors(hidden.device)),)](
         _operand(hidden, row_block, blocks["USE_TMA"]), _operand(hidden_masked, row_block, blocks["USE_TMA"]),
-        _operand(weight, weight_block, blocks["USE_TMA"]), weight if bias is None else bias, tokens.contiguous(),
-        partials if shift is None else shift,
+        _operand(weight, weight_block, blocks["USE_TMA"]), bias, tokens.contiguous(),
+        shift,
         partials, token_logits, partials if logits is None else logits,
         n, vocab_size, dim,
         hidden.stride(0), hidden_masked.stride(0), weight.stride(0), 0 if logits is None else logits.stride(0),
+        partials.stride(0),
         temperature,
-        HAS_BIAS=bias is not None, HAS_SHIFT=shift is not None, PAIRED=paired, STORE_LOGITS=logits is not None,
+        PAIRED=paired, STORE_LOGITS=logits is not None,
         DOT_PRECISION=logit_dot_precision(hidden.dtype),
         **blocks, num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -374,6 +381,7 @@ def finalize_statistics(partials: Partials, paired: bool) -> HeadStatistics:
         _finalize_kernel[(triton.cdiv(n, config.blocks["BLOCK_N"]),)](
             partials.partials, partials.token_logits, *padded, maxima,
             n, vocab_tiles,
+            partials.partials.stride(0),
             PAIRED=paired,
             **config.launch_kwargs(),
         )
@@ -391,8 +399,8 @@ def head_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Ten
 
 def partials_bytes_per_token(vocab_size: int, paired: bool, dtype: torch.dtype) -> int:
     """Bytes of partials and token logits per token, at the narrowest vocabulary tile of the CUDA configs."""
-    configs = _partials_configs(dtype)
-    block_v = min(c.blocks["BLOCK_V"] for c in (*configs.by_capability.values(), configs.fallback))
+    configs = [_partials_configs(dtype, aligned) for aligned in (True, False)]
+    block_v = min(c.blocks["BLOCK_V"] for table in configs for c in (*table.by_capability.values(), table.fallback))
     return 4 * (PARTIAL_FIELDS[paired] * triton.cdiv(vocab_size, block_v) + (2 if paired else 1))
 
 
