@@ -324,5 +324,20 @@ def test_every_launched_kernel_fits_sm80_and_sm90(monkeypatch):
         assert row["stack"] == 0, f"register spills ({row['stack']} bytes of stack): {row}"
 
 
+def test_launch_config_answers_for_the_forced_capability_and_keeps_the_interpreter_apart():
+    from papo_kernels.backends._triton_utils import KernelConfigs, LaunchConfig, forced_capability, launch_config
+
+    configs = KernelConfigs({9: LaunchConfig(dict(BLOCK=9), 8, 3)}, fallback=LaunchConfig(dict(BLOCK=1), 4, 2),
+                            interpreter=LaunchConfig(dict(BLOCK=0), 1, 1))
+    cpu = torch.device("cpu")
+    if not torch.cuda.is_available():  # conftest.py put Triton in interpreter mode
+        assert launch_config(configs, cpu).blocks == dict(BLOCK=0)
+    with forced_capability(9):
+        assert launch_config(configs, cpu).launch_kwargs() == dict(BLOCK=9, num_warps=8, num_stages=3)
+        with forced_capability(8):
+            assert launch_config(configs, cpu).blocks == dict(BLOCK=1)  # no entry for 8: the fallback
+        assert launch_config(configs, cpu).blocks == dict(BLOCK=9)
+
+
 if __name__ == "__main__":
     child_main()

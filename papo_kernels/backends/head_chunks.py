@@ -7,7 +7,8 @@ the library product ``[h; h~] W^T`` and the torch epilogue's statistics sweep).
 
 Backward, per chunk of C tokens (shared STYLE.md, "a path built from library products and an epilogue"):
 
-1. the chunk's logits again, stored this time, and its statistics;
+1. the chunk's logits again, stored this time, and its statistics (on Triton shifted by each row's maximum from
+   the forward: ``triton_logit_statistics.TRITON_HEAD``);
 2. dZ by the epilogue's ``logit_gradient`` (the gradient table of PAPO_SPEC.md), from the per-token upstream
    gradients;
 3. ``d[h; h~] = dZ W`` (``MatrixProducts.grad_rows``), ``dW += dZ^T [h; h~]`` (``accumulate_grad_weight``, one
@@ -30,6 +31,8 @@ from .._guards import fused_backward
 from ..fast_path.chunk_loop import DEFAULT_WORKSPACE_BYTES, MatrixProducts, rows_per_chunk
 from ..fast_path.epilogues import torch_epilogue
 from ..fast_path.epilogues.contract import RowStatistics, UpstreamGradients
+from .reference import compute_dtype
+
 
 class HeadStatistics(NamedTuple):
     """The per-token statistics of a chunk and, where the head keeps them, the row maxima m of z (passes, C)."""
@@ -47,6 +50,7 @@ ChunkStatistics = Callable[..., HeadStatistics]
 class ChunkedHead:
     """A backend's pieces for the chunk loops.
 
+    - ``name``: the backend's name, for messages.
     - ``statistics``: a chunk's statistics; with a ``logits`` buffer it also leaves the chunk's logits there in the
       state its epilogue's ``logit_gradient`` reads. With ``shift`` (the maxima a forward returned for these rows)
       the head computes on z - m.
@@ -57,6 +61,7 @@ class ChunkedHead:
       takes no bias, a temperature of 1 and upstream gradients divided by tau; else the raw rows W^T.
     """
 
+    name: str  # the backend's, for messages
     statistics: ChunkStatistics
     epilogue: ModuleType
     forward_tokens: Callable[[int, int, int, bool, torch.dtype, int], int]
@@ -75,13 +80,13 @@ def _torch_statistics(weight, products: MatrixProducts, hidden_rows, hidden_mask
 
 
 def _torch_forward_tokens(n: int, vocab_size: int, dim: int, paired: bool, dtype: torch.dtype, budget: int) -> int:
-    itemsize = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).bits // 8
+    itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
     return rows_per_chunk(n, vocab_size, dim, paired, itemsize, False,
                           torch_epilogue.workspace_bytes_per_token(vocab_size, paired, itemsize), budget)
 
 
-TORCH_HEAD = ChunkedHead(_torch_statistics, torch_epilogue, _torch_forward_tokens, forward_needs_logits=True,
-                         scaled_logits=False)
+TORCH_HEAD = ChunkedHead("torch", _torch_statistics, torch_epilogue, _torch_forward_tokens,
+                         forward_needs_logits=True, scaled_logits=False)
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ def forward_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: 
             weight, products, hidden[rows], None if hidden_masked is None else hidden_masked[rows], tokens[rows],
             bias, options.temperature, None if logits is None else logits[:(2 if paired else 1) * count], None))
     if not parts:
-        empty = hidden.new_empty(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        empty = hidden.new_empty(0, dtype=compute_dtype(hidden.dtype))
         return HeadStatistics(RowStatistics(*[empty] * (7 if paired else 3)), None)
     stats = RowStatistics(*(None if fields[0] is None else torch.cat(fields)
                             for fields in zip(*(part.stats for part in parts))))
@@ -234,6 +239,19 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions):
     return grad_hidden, grad_hidden_masked, grad_weight, grad_bias
 
 
+def _logprobs_gradients(ctx, logprob_grad, entropy_grad):
+    hidden, weight, bias, tokens, maxima = ctx.saved_tensors
+    needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    grad_hidden, _, grad_weight, grad_bias = backward_gradients(
+        (hidden, None, weight, bias, tokens, maxima), (logprob_grad, None, entropy_grad, None, None),
+        (needs_hidden, False, needs_weight, needs_bias), ctx.options)
+    return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _perception_kl_gradients(ctx, *grads):
+    return *backward_gradients(ctx.saved_tensors, grads, ctx.needs_input_grad[:4], ctx.options), None, None
+
+
 class HeadChunksLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, options: HeadOptions):
@@ -244,14 +262,9 @@ class HeadChunksLogprobsFunction(torch.autograd.Function):
         return stats.logprobs, stats.entropy
 
     @staticmethod
-    @fused_backward("linear_logprobs (chunked backward)")
     def backward(ctx, logprob_grad, entropy_grad):
-        hidden, weight, bias, tokens, maxima = ctx.saved_tensors
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_hidden, _, grad_weight, grad_bias = backward_gradients(
-            (hidden, None, weight, bias, tokens, maxima), (logprob_grad, None, entropy_grad, None, None),
-            (needs_hidden, False, needs_weight, needs_bias), ctx.options)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        guarded = fused_backward(f"linear_logprobs ({ctx.options.head.name} backend)")(_logprobs_gradients)
+        return guarded(ctx, logprob_grad, entropy_grad)
 
 
 class HeadChunksPerceptionKLFunction(torch.autograd.Function):
@@ -264,10 +277,9 @@ class HeadChunksPerceptionKLFunction(torch.autograd.Function):
         return stats.logprobs, stats.logprobs_masked, stats.entropy, stats.entropy_masked, stats.kl
 
     @staticmethod
-    @fused_backward("linear_perception_kl (chunked backward)")
     def backward(ctx, logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad):
-        grads = (logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad)
-        return *backward_gradients(ctx.saved_tensors, grads, ctx.needs_input_grad[:4], ctx.options), None, None
+        guarded = fused_backward(f"linear_perception_kl ({ctx.options.head.name} backend)")(_perception_kl_gradients)
+        return guarded(ctx, logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad)
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], options: HeadOptions

@@ -4,19 +4,19 @@ kept on chip (shared PERF_DESIGN.md: design "F", and "GEMM1" of design R).
 Two steps, kept apart so that partials of several vocabulary shards can be gathered between them:
 
 1. ``logit_partials``: a persistent GEMM over (token tile, vocabulary tile) pairs. Each pair's tiles
-   ``z = (h W^T + b) / tau`` and ``z~`` (both passes share each weight tile) sit in float32 accumulators; the
-   epilogue writes per (token, vocabulary tile) m = max z, s = sum exp(z - m), t = sum exp(z - m)(z - m), for
-   pairs the same of z~ and u = sum exp(z - m)(z~ - m~), and the program whose tile holds a token's id writes its
-   exact float32 logit. Store mode (``logits`` given) also writes the raw float32 ``rows @ W^T`` the fast path's
-   gradient sweep reads; otherwise the logits never leave the chip.
+   ``z = (h W^T + b) / tau - c`` and ``z~`` (c: an optional per-row shift; both passes share each weight tile)
+   sit in float32 accumulators; the epilogue writes per (token, vocabulary tile) m = max z,
+   s = sum exp(z - m), t = sum exp(z - m)(z - m), for pairs the same of z~ and u = sum exp(z - m)(z~ - m~), and
+   the program whose tile holds a token's id writes its exact float32 logit. Store mode (``logits`` given) also
+   writes z in float32, for a gradient sweep; otherwise the logits never leave the chip.
 2. ``finalize_statistics``: folds the partials over the vocabulary tiles into lse = m + log s, l = z_y - lse,
-   H = log s - t / s, and KL(p || q) = (t - u) / s - log s + log s~ (PAPO_SPEC.md).
+   H = log s - t / s, and KL(p || q) = (t - u) / s - log s + log s~ (PAPO_SPEC.md), and returns each row's m.
 
 Token ids outside [0, V) match no column: their logit stays 0 (a vocabulary shard's partials, with the ids
 shifted by the shard's start, add up across shards).
 
-On sm_90 the operands come in through TMA (host-side tensor descriptors) where their strides allow it; elsewhere,
-and under the interpreter, through plain pointer loads.
+On sm_90 the operands come in through TMA (host-side tensor descriptors) when their rows are 16-byte aligned;
+elsewhere, and under the interpreter, through plain pointer loads.
 """
 
 from typing import NamedTuple, Optional
@@ -31,7 +31,7 @@ from ..fast_path.chunk_loop import MatrixProducts
 from ..fast_path.epilogues import triton_epilogue
 from ..fast_path.epilogues.contract import RowStatistics
 from .head_chunks import ChunkedHead, HeadStatistics
-from ._triton_utils import KernelConfigs, LaunchConfig, absorb_pair, grown, initial_pair_state, last_dim_contiguous
+from ._triton_utils import KernelConfigs, LaunchConfig, grown, initial_pair_state, last_dim_contiguous
 from ._triton_utils import launch_config, logit_dot_precision, multiprocessors, store_statistics
 
 PARTIAL_FIELDS = {False: 3, True: 7}  # (m, s, t), then (m~, s~, t~, u) for pairs
@@ -435,5 +435,5 @@ def _forward_tokens(n: int, vocab_size: int, dim: int, paired: bool, dtype: torc
 # backward shifts each row by its maximum m from the forward: the stored z - m is exact near the maximum and
 # lse - m = log s is small, so that log p = (z - m) - log s keeps float32's precision where p is large (z - lse at
 # |z| ~ 10 would lose 4 bits there, in dz and every gradient).
-TRITON_HEAD = ChunkedHead(_head_chunk_statistics, triton_epilogue, _forward_tokens, forward_needs_logits=False,
-                          scaled_logits=True)
+TRITON_HEAD = ChunkedHead("triton", _head_chunk_statistics, triton_epilogue, _forward_tokens,
+                          forward_needs_logits=False, scaled_logits=True)
