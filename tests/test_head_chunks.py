@@ -3,7 +3,8 @@
 The torch head (what the torch backend runs on CUDA; "head_chunks" in backend_cases) in float64 against the float64
 reference at either end of the chunk sizes: the same math in another order, so tight tolerances. test_backends.py
 runs every option at a budget in between, and holds the Triton head, as the triton backend, to the float32 error
-budget. Matrix work: 2 N D V per pass forward, 6 N D V per pass backward, no product that no gradient needs.
+budget at the interpreter's blocks; here it runs at the sm_80 and sm_90 configs in float16 as well. Matrix work:
+2 N D V per pass forward, 6 N D V per pass backward, no product that no gradient needs.
 """
 
 import pytest
@@ -12,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from papo_kernels.backends import head_chunks
 
-from backend_cases import OUTPUTS, assert_close, make_inputs, run_op, upstream_gradients
+from backend_cases import OUTPUTS, assert_close, assert_within_budget, cast, make_inputs, run_op
+from backend_cases import upstream_gradients
 
 F64_RTOL, F64_ATOL = 1e-10, 1e-10
 
@@ -59,3 +61,25 @@ def test_matrix_work(requires, ndv):
     with FlopCounterMode(display=False) as counter:
         run_op("head_chunks", "perception_kl", inputs, 1.0, upstream, set(requires), temporary_bytes=2**16)
     assert counter.get_total_flops() == ndv * n * d * v, counter.get_total_flops() / (n * d * v)
+
+
+@pytest.mark.parametrize("capability", [8, 9], ids=["sm80", "sm90"])
+def test_triton_head_at_the_cuda_configs_in_float16(capability):
+    """The triton backend with the sm_80 and sm_90 configs forced (the interpreter runs them; sm_90 loads through
+    tensor descriptors), forward and chunked backward, within the error budget of tests/test_numerics.py."""
+    if torch.cuda.is_available():
+        pytest.skip("forces a CUDA config under the interpreter, which runs only without a CUDA device")
+    from papo_kernels.backends._triton_utils import forced_capability
+
+    n, v, d = 37, 208, 40
+    rounded = cast(cast(make_inputs(n, v, d, bias=True, seed=12), torch.float16), torch.float64)
+    upstream = upstream_gradients(n, "perception_kl", OUTPUTS["perception_kl"])
+    truth = run_op("reference", "perception_kl", rounded, 0.7, upstream)
+    same_dtype = run_op("reference", "perception_kl", cast(rounded, torch.float16), 0.7, upstream)
+    with forced_capability(capability):
+        kernel = run_op("triton", "perception_kl", cast(rounded, torch.float16), 0.7, upstream)
+    for name in truth[0]:
+        assert_within_budget(name, kernel[0][name], same_dtype[0][name], truth[0][name], factor=4.0, atol=4e-7)
+    for name in truth[1]:
+        assert_within_budget(f"grad of {name}", kernel[1][name], same_dtype[1][name], truth[1][name], factor=4.0,
+                             atol=2e-3)

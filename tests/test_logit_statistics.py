@@ -19,7 +19,9 @@ from papo_kernels.fast_path.epilogues import torch_epilogue
 
 from backend_cases import assert_close, assert_within_budget, triton_device
 
-SHAPES = [(1, 50, 24), (37, 203, 40), (70, 150, 17)]  # (tokens, V, D); 70 tokens fill more than one 64-row tile
+# (tokens, V, D): one row; half rows 16-byte aligned and V a multiple of 16 (the aligned configs: TMA loads on sm_90)
+# but not of any vocabulary tile; odd sizes (the unaligned configs), 70 tokens filling more than one 64-row tile
+SHAPES = [(1, 50, 24), (37, 208, 40), (70, 150, 17)]
 CAPABILITIES = [None, 8, 9]  # the interpreter's config, then the CUDA configs
 
 
@@ -79,6 +81,23 @@ def test_statistics_match_the_torch_epilogue(capability, dtype, paired, shape, b
     assert_within_budget("stored logits", out.cpu().double(),
                          ((rows.float() @ weight.float().T + (0 if bias_vector is None else bias_vector.float()))
                           / temperature).double(), z, factor=4.0, atol=4e-7)
+
+
+def test_the_sm90_config_loads_aligned_half_rows_through_tensor_descriptors(monkeypatch):
+    made = []
+
+    class CountedDescriptor(statistics.TensorDescriptor):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(tuple(self.block_shape))
+
+    monkeypatch.setattr(statistics, "TensorDescriptor", CountedDescriptor)
+    rows, weight, bias_vector, tokens = make_case(37, 208, 40, True, True, torch.float16, seed=10)
+    kernel_statistics(rows, weight, bias_vector, tokens, 0.8, True, torch.float16, 9)
+    assert made == [(64, 64), (64, 64), (128, 64)]  # hidden, hidden_masked, weight: sm_90's blocks
+    made.clear()
+    kernel_statistics(rows, weight, bias_vector, tokens, 0.8, True, torch.float16, 8)
+    assert made == []
 
 
 def test_statistics_only_and_store_mode_agree():
