@@ -1,7 +1,7 @@
 # Set-up and the main jobs in one place; options reach train and bench through ARGS="...".
 # Each target builds .venv on first use: torch first (on a machine without torch, the local
-# CPU wheel torch==$(TORCH_VERSION)), then this package with its test, train and trl extras, pinned to that torch
-# so no later step replaces it.
+# CPU wheel torch==$(TORCH_VERSION)), then this package with its test, train and trl extras (test brings DeepSpeed
+# for the ZeRO-3 tests), pinned to that torch so no later step replaces it.
 # Bring your own torch (a CUDA build, say): make test VENV_FLAGS=--system-site-packages
 PYTHON ?= python3
 VENV ?= .venv

@@ -16,8 +16,11 @@ Parts, in the order they run (benchmarks/NOTES.md, "GPU"):
 3. sweep (``run.py``): papo_loss forward + backward and the forward-only log-probs of every
    implementation and peer, both logit distributions at the headline shape first, against the
    same-run matrix-product rate;
-4. stages (``stages.py``): the fast path at D = 3584, V = 152064, N = 16384, bf16, stage by
-   stage, for workspace budgets of 256 MiB to 2 GiB;
+4. stages (``stages.py``): the fast path at D = 3584, V = 152064, N = 16384, bf16: first the kernel
+   probes (``fast_path_probes.py``: dW by addmm and by the reduce-add kernel at K = 1024 to 4096, the
+   statistics sweep with one vocabulary split and split over V, the logits' error against float64),
+   then stage by stage for workspace budgets of 256 MiB to 2 GiB and the default policy, with dW by
+   addmm and by the reduce-add kernel;
 5. logit statistics (``logit_statistics.py``): the statistics GEMM at the same shape, its forward-only log-probs
    and its use as the fast path's logits product, beside the same-run head product (a table in the summary).
 
@@ -48,7 +51,7 @@ PARTS = {"all": ("correctness", "sweep", "stages", "logit_statistics"), "check":
          "sweep": ("sweep",), "correctness": ("correctness",), "stages": ("stages",),
          "logit_statistics": ("logit_statistics",)}
 # Each part's share of the time limit: a part may start new work until its share of what is left runs out, and
-# time a part leaves unused passes to the parts after it. One device call holds all three (a task's device time
+# time a part leaves unused passes to the parts after it. One device call holds every part (a task's device time
 # is 15 minutes, a machine's start included), so no part can starve the headline sweep.
 PART_SHARES = {"correctness": 3, "sweep": 4, "stages": 2, "logit_statistics": 1}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -129,10 +132,10 @@ def stages_section(rows: Sequence[Dict[str, object]]) -> List[str]:
         return []
     first = rows[0]
     lines = [f"## Fast path stages (N = {first['N']}, D = {first['D']}, V = {first['V']}, {first['dtype']})", "",
-             "| stage | epilogue | workspace MiB | chunk tokens | chunks | median ms | TFLOP/s | flop floor ms | "
-             "byte floor ms | note |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| stage | epilogue | dW | workspace MiB | chunk tokens | chunks | median ms | TFLOP/s | flop floor ms | "
+             "byte floor ms | note |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in rows:
-        lines.append(f"| {row['stage']} | {row['epilogue']} | {_number(row['workspace_mib'], '.4g')} | "
+        lines.append(f"| {row['stage']} | {row['epilogue']} | {row['dw']} | {_number(row['workspace_mib'], '.4g')} | "
                      f"{row['chunk_tokens'] or '-'} | {row['chunks'] or '-'} | {_number(row['median_ms'], '.3f')} | "
                      f"{_number(row['tflops'], '.1f')} | {_number(row['flop_floor_ms'], '.3f')} | "
                      f"{_number(row['byte_floor_ms'], '.3f')} | {row['note'] or ''} |")
@@ -199,12 +202,13 @@ def correctness_part(context: Context) -> List[str]:
 
 def stages_part(context: Context) -> List[str]:
     args, device = context.args, context.device
-    shape, plan = (stages.TINY_SHAPE, stages.TINY_PLAN) if args.tiny else (stages.GPU_SHAPE, stages.GPU_PLAN)
+    shape, plan, probes = ((stages.TINY_SHAPE, stages.TINY_PLAN, stages.TINY_PROBES) if args.tiny
+                           else (stages.GPU_SHAPE, stages.GPU_PLAN, stages.GPU_PROBES))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     timer = stages.Timer(device, *STAGE_REPS[device.type])
     path = args.out / "stages.csv"
     rows = stages.StageRun(shape, dtype, device, plan, context.ceilings, timer, context.deadline, log).run(
-        progress=lambda rows: write_csv(path, rows))
+        probes, progress=lambda rows: write_csv(path, rows))
     return stages_section(rows)
 
 

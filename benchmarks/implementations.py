@@ -21,18 +21,21 @@ entropy of the clean pass is ``PEAKED_ENTROPY`` nats (calibrated on the inputs
 themselves) and the tokens are sampled from the clean distribution, as rollouts are.
 """
 
+import contextlib
 import functools
 import importlib
 import importlib.util
+import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 import papo_kernels
-from papo_kernels.fast_path import EPILOGUES, resolve_epilogue
+from papo_kernels.fast_path import EPILOGUES, LOW_MEMORY_WORKSPACE_BYTES, resolve_epilogue
+from papo_kernels.fast_path.grad_weight import GRAD_WEIGHT_VARIABLE
 
 from . import distributions
 
@@ -204,15 +207,35 @@ def package_builder(backend: str) -> Callable[[str, Inputs], Forward]:
     return build
 
 
-def fast_path_builder(epilogue: str) -> Callable[[str, Inputs], Forward]:
-    """papo_loss on its fast path with ``epilogue``: the loss and, inside the forward, its gradient."""
+@contextlib.contextmanager
+def grad_weight_flag(kernel: str) -> Iterator[None]:
+    """``PAPO_KERNELS_GRAD_WEIGHT`` set to ``kernel`` (the fast path's dW product) for the duration, restored after."""
+    previous = os.environ.get(GRAD_WEIGHT_VARIABLE)
+    os.environ[GRAD_WEIGHT_VARIABLE] = kernel
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[GRAD_WEIGHT_VARIABLE]
+        else:
+            os.environ[GRAD_WEIGHT_VARIABLE] = previous
+
+
+def fast_path_builder(epilogue: str, workspace_bytes: Optional[int] = None,
+                      grad_weight: str = "addmm") -> Callable[[str, Inputs], Forward]:
+    """papo_loss on its fast path with ``epilogue``: the loss and, inside the forward, its gradient; the workspace
+    given or the default policy, dW by ``grad_weight``."""
     def build(op: str, x: Inputs) -> Forward:
         if op != "papo_loss":
             raise ValueError(f"the fast path computes papo_loss only, got op {op!r}")
-        return lambda: (papo_kernels.papo_loss(
-            x.batched(x.hidden), x.weight, x.batched(x.tokens), x.mask, x.advantages,
-            hidden_masked=x.batched(x.hidden_masked), temperature=TEMPERATURE, path="fast", backend=epilogue,
-            **PAPO_LOSS_CONFIG)[0],)
+
+        def forward() -> Outputs:
+            with grad_weight_flag(grad_weight):
+                return (papo_kernels.papo_loss(
+                    x.batched(x.hidden), x.weight, x.batched(x.tokens), x.mask, x.advantages,
+                    hidden_masked=x.batched(x.hidden_masked), temperature=TEMPERATURE, path="fast", backend=epilogue,
+                    workspace_bytes=workspace_bytes, **PAPO_LOSS_CONFIG)[0],)
+        return forward
     return build
 
 
@@ -381,13 +404,23 @@ EPILOGUE_DESCRIPTIONS = {
 }
 
 
-def fast_path_implementation(epilogue: str) -> Implementation:
+# The fast path's settings in the sweep besides its default: (name suffix, workspace bytes, dW kernel, description)
+FAST_PATH_VARIANTS = {
+    "": (None, "addmm", "the default workspace (min(4 GiB, 10% of free memory) on CUDA, 256 MiB on the CPU)"),
+    ".256MiB": (LOW_MEMORY_WORKSPACE_BYTES, "addmm", "the low-memory setting, workspace_bytes = 256 MiB"),
+    ".reduce_add": (None, "reduce_add", "dW by the reduce-add kernel (PAPO_KERNELS_GRAD_WEIGHT=reduce_add) and its "
+                                        "workspace policy (1024 tokens a chunk, at most min(1 GiB, 10% of free memory))"),
+}
+
+
+def fast_path_implementation(epilogue: str, variant: str = "") -> Implementation:
+    workspace_bytes, grad_weight, setting = FAST_PATH_VARIANTS[variant]
     return Implementation(
-        name=f"papo_kernels.fast.{epilogue}",
+        name=f"papo_kernels.fast.{epilogue}{variant}",
         computes=f"papo_loss only, exact, on its fast path with the {EPILOGUE_DESCRIPTIONS.get(epilogue, epilogue)}: "
                  "row chunks of logits by the device's library, the gradient computed inside the forward "
-                 "(12 NDV, nothing recomputed), 256 MiB workspace",
-        build=fast_path_builder(epilogue),
+                 f"(12 NDV, nothing recomputed), {setting}",
+        build=fast_path_builder(epilogue, workspace_bytes, grad_weight),
         ops=frozenset({"papo_loss"}),
         triton_ops=frozenset({"papo_loss"}) if epilogue == "triton" else frozenset(),
         gradient_in_forward=frozenset({"papo_loss"}),
@@ -397,7 +430,8 @@ def fast_path_implementation(epilogue: str) -> Implementation:
 
 def implementations() -> List[Implementation]:
     """This package's per-token backends (papo_kernels.BACKENDS without "auto"), its fast path with each
-    epilogue (papo_kernels.fast_path.EPILOGUES without "auto"), then the peers."""
+    epilogue (papo_kernels.fast_path.EPILOGUES without "auto") and with the Triton epilogue at its other settings
+    (``FAST_PATH_VARIANTS``), then the peers."""
     package = [
         Implementation(
             name=f"papo_kernels.{backend}",
@@ -408,6 +442,7 @@ def implementations() -> List[Implementation]:
         for backend in papo_kernels.BACKENDS if backend != "auto"
     ]
     package += [fast_path_implementation(epilogue) for epilogue in EPILOGUES if epilogue != "auto"]
+    package += [fast_path_implementation("triton", variant) for variant in FAST_PATH_VARIANTS if variant]
     peers = [
         Implementation(
             name="naive_torch",

@@ -16,7 +16,14 @@ public pieces (``MatrixProducts``, ``rows_per_chunk``, the epilogue module), eac
   the concatenation, launches), derived.
 
 Once per shape: ``matmul N x V`` (the sweep's yardstick, ``hidden @ W^T``) and ``three GEMMs,
-whole N`` (each product once over all 2N rows: what the library reaches without chunks).
+whole N`` (each product once over all 2N rows: what the library reaches without chunks), then the
+kernel probes of ``fast_path_probes.py`` (the dW product by ``addmm`` and by the reduce-add kernel
+at K = 1024 to 4096 rows, the statistics sweep with one vocabulary split and split over V, the
+logits' error against float64).
+
+A budget of the plan is an epilogue, a workspace (None: the default policy of
+``papo_kernels/fast_path/workspace.py``, 4 GiB on an H200) and the dW kernel (``addmm``, or
+``reduce_add``: the ``PAPO_KERNELS_GRAD_WEIGHT`` flag); the ``dw`` column says which.
 
 Beside each time: its FLOP count, and two floors from the device's measured ceilings (the
 matrix-product rate and the copy bandwidth): FLOPs over the rate, and over the bandwidth the
@@ -27,24 +34,50 @@ the dW accumulator is read and written once per chunk).
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 import papo_kernels
 from papo_kernels.fast_path import resolve_epilogue
-from papo_kernels.fast_path.chunk_loop import MatrixProducts, rows_per_chunk
+from papo_kernels.fast_path.chunk_loop import MatrixProducts, bytes_per_token, rows_per_chunk
 from papo_kernels.fast_path.epilogues.contract import UpstreamGradients
+from papo_kernels.fast_path.grad_weight import resolve_grad_weight_kernel
+from papo_kernels.fast_path.workspace import resolve_workspace_bytes
 
-from .implementations import PAPO_LOSS_CONFIG, TEMPERATURE, Inputs, Shape, make_inputs
+from . import fast_path_probes
+from .implementations import PAPO_LOSS_CONFIG, TEMPERATURE, Inputs, Shape, grad_weight_flag, make_inputs
 from .run import TIME_LIMIT_NOTE, describe, release
 
 MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Budget:
+    epilogue: str
+    workspace_bytes: Optional[int]  # None: the default policy
+    grad_weight: str = "addmm"  # or "reduce_add"
+
+
+@dataclass(frozen=True)
+class Probes:
+    k_rows: Sequence[int]  # rows of the dW products
+    token_counts: Sequence[int]  # tokens a chunk of the statistics sweeps
+    logits_rows: int  # rows of the logits error
+
+
 GPU_SHAPE = Shape(16384, 3584, 152064)  # Qwen2.5-VL-7B's head, the headline shape
-GPU_PLAN = (("triton", (256 * MiB, 512 * MiB, 1024 * MiB, 2048 * MiB)), ("torch", (256 * MiB,)))
+# the most wanted first, in case the time limit cuts the part short: the default, the low-memory setting, the flag
+GPU_PLAN = (Budget("triton", None), Budget("triton", 256 * MiB), Budget("triton", None, "reduce_add"),
+            Budget("triton", 2048 * MiB, "reduce_add"), Budget("triton", 1024 * MiB), Budget("triton", 2048 * MiB))
+# 512 tokens: the reduce-add policy at the headline shape; 1093: the 2 GiB chunk of 2026-12-04; 2048: the 4 GiB one
+GPU_PROBES = Probes(k_rows=(1024, 2048, 4096), token_counts=(512, 1093, 2048), logits_rows=1024)
 TINY_SHAPE = Shape(32, 16, 72)
-TINY_PLAN = (("torch", (4 * 1024, 8 * 1024, 16 * 1024, 32 * 1024)), ("triton", (8 * 1024,)))
+TINY_PLAN = (Budget("torch", 4 * 1024), Budget("torch", 8 * 1024), Budget("torch", 16 * 1024),
+             Budget("torch", 32 * 1024), Budget("triton", 8 * 1024), Budget("triton", None),
+             Budget("triton", 8 * 1024, "reduce_add"))
+TINY_PROBES = Probes(k_rows=(8, 24), token_counts=(4, 9), logits_rows=16)
 
 
 @dataclass(frozen=True)
@@ -86,21 +119,26 @@ class Timer:
 class ChunkStages:
     """The chunk loop's pieces for one epilogue and one workspace budget, each a callable over all chunks."""
 
-    def __init__(self, x: Inputs, epilogue_name: str, workspace_bytes: int):
+    def __init__(self, x: Inputs, budget: Budget):
         self.x = x
         hidden, weight = x.hidden.detach(), x.weight.detach()
         self.hidden, self.hidden_masked, self.weight = hidden, x.hidden_masked.detach(), weight
-        self.epilogue = resolve_epilogue(epilogue_name, hidden.device, hidden.dtype)
-        self.products = MatrixProducts(weight)
+        self.epilogue = resolve_epilogue(budget.epilogue, hidden.device, hidden.dtype)
         n, dim = hidden.shape
         vocab_size = weight.shape[0]
+        with grad_weight_flag(budget.grad_weight):
+            self.grad_weight = resolve_grad_weight_kernel(hidden.device, weight.dtype, vocab_size, dim)
+        self.products = MatrixProducts(weight, self.grad_weight)
         result_dtype = self.products.result_dtype
         itemsize = torch.finfo(result_dtype).bits // 8
         self.half_dz = self.products.native_half  # the loop's rule, with a gradient wanted
-        # the same call as run_chunks makes
-        self.chunk = rows_per_chunk(n, vocab_size, dim, True, itemsize, self.half_dz,
-                                    self.epilogue.workspace_bytes_per_token(vocab_size, True, itemsize),
-                                    workspace_bytes)
+        # the same calls as run_chunks makes
+        epilogue_bytes = self.epilogue.workspace_bytes_per_token(vocab_size, True, itemsize)
+        self.workspace_bytes = resolve_workspace_bytes(
+            budget.workspace_bytes, hidden.device, self.grad_weight,
+            bytes_per_token(vocab_size, dim, True, itemsize, self.half_dz, epilogue_bytes))
+        self.chunk = rows_per_chunk(n, vocab_size, dim, True, itemsize, self.half_dz, epilogue_bytes,
+                                    self.workspace_bytes)
         self.starts = list(range(0, n, self.chunk))
         device, c = hidden.device, self.chunk
         self.logits = self.products.logits(torch.cat([hidden[:c], self.hidden_masked[:c]]),
@@ -178,12 +216,13 @@ class ChunkStages:
             self._statistics_and_upstream(count)
 
 
-def full_path(x: Inputs, epilogue: str, workspace_bytes: int) -> Callable[[], None]:
+def full_path(x: Inputs, budget: Budget) -> Callable[[], None]:
     def run() -> None:
-        loss, _ = papo_kernels.papo_loss(
-            x.batched(x.hidden), x.weight, x.batched(x.tokens), x.mask, x.advantages,
-            hidden_masked=x.batched(x.hidden_masked), temperature=TEMPERATURE, path="fast", backend=epilogue,
-            workspace_bytes=workspace_bytes, **PAPO_LOSS_CONFIG)
+        with grad_weight_flag(budget.grad_weight):
+            loss, _ = papo_kernels.papo_loss(
+                x.batched(x.hidden), x.weight, x.batched(x.tokens), x.mask, x.advantages,
+                hidden_masked=x.batched(x.hidden_masked), temperature=TEMPERATURE, path="fast",
+                backend=budget.epilogue, workspace_bytes=budget.workspace_bytes, **PAPO_LOSS_CONFIG)
         loss.backward()
     return run
 
@@ -226,11 +265,13 @@ class StageRun:
 
     def record(self, stage: str, epilogue: str, workspace_bytes: Optional[int], chunk: Optional[int],
                chunks: Optional[int], timing: Optional[Tuple[float, float, float]], flops_per_ndv: float,
-               floors: Tuple[Optional[float], Optional[float]] = (None, None), note: Optional[str] = None) -> None:
+               floors: Tuple[Optional[float], Optional[float]] = (None, None), note: Optional[str] = None,
+               dw: str = "-", flop_count: Optional[float] = None) -> None:
+        """One row; the FLOPs of its rate are ``flops_per_ndv`` N D V, or ``flop_count`` when given."""
         s = self.shape
         median, p20, p80 = timing if timing else (None, None, None)
-        flop_count = flops_per_ndv * s.n * s.d * s.v
-        row = dict(stage=stage, epilogue=epilogue, workspace_mib=None if workspace_bytes is None else
+        flop_count = flops_per_ndv * s.n * s.d * s.v if flop_count is None else flop_count
+        row = dict(stage=stage, epilogue=epilogue, dw=dw, workspace_mib=None if workspace_bytes is None else
                    workspace_bytes / MiB, chunk_tokens=chunk, chunks=chunks, N=s.n, D=s.d, V=s.v,
                    dtype=str(self.dtype).removeprefix("torch."), median_ms=median, p20_ms=p20, p80_ms=p80,
                    tflops=flop_count / (median * 1e9) if median and flop_count else None,
@@ -238,7 +279,8 @@ class StageRun:
         self.rows.append(row)
         shown = f"{median:10.3f} ms" if median is not None else f"{'-':>13}"
         rate = f"{row['tflops']:8.1f} TFLOP/s" if row["tflops"] else ""
-        self.log(f"  {stage:<28} {epilogue:<7} {str(row['workspace_mib'] or '-'):>8} MiB {shown} {rate} {note or ''}")
+        workspace = f"{row['workspace_mib']:.0f}" if row["workspace_mib"] else "-"
+        self.log(f"  {stage:<28} {epilogue:<7} {dw:<10} {workspace:>8} MiB {shown} {rate} {note or ''}")
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -270,10 +312,10 @@ class StageRun:
             products = rows = logits = dz = grad_rows = accumulator = None
             release(self.device)
 
-    def chunk_stage_times(self, x: Inputs, epilogue: str, workspace_bytes: int):
-        """Times and records each chunk stage; returns (chunk, chunks, itemsizes, {stage: timing}). The chunk
-        buffers die with this frame."""
-        stages = ChunkStages(x, epilogue, workspace_bytes)
+    def chunk_stage_times(self, x: Inputs, budget: Budget):
+        """Times and records each chunk stage; returns (workspace, chunk, chunks, itemsizes, dW kernel,
+        {stage: timing}). The chunk buffers die with this frame."""
+        stages = ChunkStages(x, budget)
         chunk, chunks, itemsizes = stages.chunk, len(stages.starts), stages.itemsizes
         stages.prepare()
         timed = {"logits GEMM": stages.logits_products, "dH GEMM": stages.grad_rows_stacked,
@@ -283,38 +325,70 @@ class StageRun:
         results = {}
         for stage, run in timed.items():
             results[stage] = self.timer(run)
-            self.record(stage, epilogue, workspace_bytes, chunk, chunks, results[stage], STAGE_FLOPS_PER_NDV[stage],
-                        self.floors(stage, chunks, itemsizes))
-        return chunk, chunks, itemsizes, results
+            self.record(stage, budget.epilogue, stages.workspace_bytes, chunk, chunks, results[stage],
+                        STAGE_FLOPS_PER_NDV[stage], self.floors(stage, chunks, itemsizes), dw=stages.grad_weight,
+                        note=self.budget_note(budget))
+        return stages.workspace_bytes, chunk, chunks, itemsizes, stages.grad_weight, results
 
-    def budget_stages(self, x: Inputs, epilogue: str, workspace_bytes: int) -> None:
-        chunk, chunks, itemsizes, results = self.chunk_stage_times(x, epilogue, workspace_bytes)
+    @staticmethod
+    def budget_note(budget: Budget) -> Optional[str]:
+        return "the default policy" if budget.workspace_bytes is None else None
+
+    def budget_stages(self, x: Inputs, budget: Budget) -> None:
+        workspace, chunk, chunks, itemsizes, dw, results = self.chunk_stage_times(x, budget)
         release(self.device)  # the chunk buffers go before the full path allocates its own
-        results["full path"] = self.timer(full_path(x, epilogue, workspace_bytes), setup=x.zero_grad)
+        results["full path"] = self.timer(full_path(x, budget), setup=x.zero_grad)
         x.zero_grad()
-        self.record("full path", epilogue, workspace_bytes, chunk, chunks, results["full path"], 12,
-                    self.floors("full path", chunks, itemsizes))
+        self.record("full path", budget.epilogue, workspace, chunk, chunks, results["full path"], 12,
+                    self.floors("full path", chunks, itemsizes), dw=dw, note=self.budget_note(budget))
         other = results["full path"][0] - sum(results[stage][0] for stage in
                                               ("three GEMMs", "epilogue statistics", "epilogue gradient"))
-        self.record("other", epilogue, workspace_bytes, chunk, chunks, (other, math.nan, math.nan), 0,
+        self.record("other", budget.epilogue, workspace, chunk, chunks, (other, math.nan, math.nan), 0, dw=dw,
                     note="full path - three GEMMs - both epilogue sweeps")
 
-    def run(self, progress: Callable[[List[Dict[str, object]]], None] = lambda rows: None) -> List[Dict[str, object]]:
-        """Every stage of the plan; ``progress`` gets the rows so far after each budget."""
+    def probes(self, x: Inputs, probes: Probes) -> None:
+        """The kernel probes of ``fast_path_probes.py``, each on its own: one that fails leaves the others to run."""
+        copy_rate = self.ceilings.copy_gb_per_s
+        parts = {
+            "dW products": lambda: fast_path_probes.grad_weight_products(
+                self.shape, self.dtype, self.device, self.timer, self.record, probes.k_rows, self.ceilings),
+            "statistics sweeps": lambda: fast_path_probes.statistics_sweeps(
+                self.shape, self.device, self.timer, self.record, probes.token_counts, copy_rate),
+            "logits error": lambda: fast_path_probes.logits_error(x.hidden, x.weight, self.record,
+                                                                  probes.logits_rows),
+            "dW kernel in the loss": lambda: fast_path_probes.grad_weight_flag_in_the_loss(x, self.record),
+        }
+        for name, run in parts.items():
+            if self.out_of_time():
+                self.record(name, "-", None, None, None, None, 0, note=TIME_LIMIT_NOTE)
+                continue
+            try:
+                run()
+            except Exception as error:  # out of memory, or a kernel that fails to build: recorded, the rest runs
+                self.record(name, "-", None, None, None, None, 0, note=describe(error))
+            release(self.device)
+
+    def run(self, probes: Optional[Probes] = None,
+            progress: Callable[[List[Dict[str, object]]], None] = lambda rows: None) -> List[Dict[str, object]]:
+        """The yardsticks, the ``probes`` when given, then every budget of the plan; ``progress`` gets the rows so
+        far after each part."""
         x = make_inputs(self.shape, self.dtype, self.device)
         self.log(f"stages at N={self.shape.n} D={self.shape.d} V={self.shape.v} {self.dtype} ({x.description})")
         self.shape_stages(x)
-        for epilogue, budgets in self.plan:
-            for workspace_bytes in budgets:
-                if self.out_of_time():
-                    self.record("*", epilogue, workspace_bytes, None, None, None, 0,
-                                note=TIME_LIMIT_NOTE)
-                    continue
-                try:
-                    self.budget_stages(x, epilogue, workspace_bytes)
-                except Exception as error:  # one budget failing (out of memory) leaves the others to run
-                    self.record("*", epilogue, workspace_bytes, None, None, None, 0, note=describe(error))
-                    x.zero_grad()
-                    release(self.device)
-                progress(self.rows)
+        if probes is not None:
+            self.probes(x, probes)
+            progress(self.rows)
+        for budget in self.plan:
+            if self.out_of_time():
+                self.record("*", budget.epilogue, budget.workspace_bytes, None, None, None, 0, dw=budget.grad_weight,
+                            note=TIME_LIMIT_NOTE)
+                continue
+            try:
+                self.budget_stages(x, budget)
+            except Exception as error:  # one budget failing (out of memory) leaves the others to run
+                self.record("*", budget.epilogue, budget.workspace_bytes, None, None, None, 0, dw=budget.grad_weight,
+                            note=describe(error))
+                x.zero_grad()
+                release(self.device)
+            progress(self.rows)
         return self.rows

@@ -129,6 +129,14 @@ PAPO_HOST_DEVICE T pair_kl(T max, const RowSums<T>& clean, const PassStatistics<
 }
 
 // ---- The gradient with respect to the raw logits, dz / tau (PAPO_SPEC.md's gradient table). ----
+//
+// The rule every epilogue keeps: a statistic whose coefficient is 0 is never multiplied. A term that is
+// off for a row (its upstream gradient 0 or absent) is left out of the sum, not added as 0 x statistic,
+// so what an unused statistic holds (a NaN of an unused masked pass, of a clean row the masked gradient
+// does not need) cannot reach the gradient through 0 x NaN. For the same reason the sum is formed
+// before the division by tau: p (...) is finite wherever the loss is (p = 0 where log p is huge), and
+// dividing it by a tiny tau last keeps it so, where (g / tau) (log p + H) would overflow to inf and
+// 0 x inf would be NaN.
 
 // Per-token upstream gradients g of the loss with respect to the statistics; 0 where absent.
 template <typename T>
@@ -136,16 +144,19 @@ struct UpstreamGradients {
   T logprob, entropy, lse, logprob_masked, entropy_masked, lse_masked, kl;
 };
 
-// Per-row values: the statistics the formulas read, and the upstream gradients divided by tau. The
-// formulas keep the table's grouping: log p + H and log p - log q - KL are formed before any
+// Per-row values: the statistics the formulas read, the upstream gradients, and which terms are on.
+// The formulas keep the table's grouping: log p + H and log p - log q - KL are formed before any
 // product, so where they nearly cancel they do so exactly (Sterbenz) and no rounded product is lost.
-//   dz / tau  = p (a - h (log p + H) + k (log p - log q - KL)) + g_l / tau e_y,
-//   dz~ / tau = q (a~ - h~ (log q + H~)) - k p + g_l~ / tau e_y,
-// with a = (g_lse - g_l) / tau, h = g_H / tau, k = g_KL / tau, a~ = (g_lse~ - g_l~ + g_KL) / tau, h~ = g_H~ / tau.
+//   dz / tau  = p (a - h (log p + H) + k (log p - log q - KL)) / tau + g_l / tau e_y,
+//   dz~ / tau = (q (a~ - h~ (log q + H~)) - k p) / tau + g_l~ / tau e_y,
+// with a = g_lse - g_l, h = g_H, k = g_KL, a~ = g_lse~ - g_l~ + g_KL, h~ = g_H~; the h, h~ and k terms
+// join only where their coefficient is not 0.
 template <typename V>
 struct GradientCoefficients {
   V entropy, entropy_masked, kl;  // H, H~, KL of the row
   V clean_constant, clean_entropy, masked_constant, masked_entropy, kl_weight;  // a, h, a~, h~, k
+  V inverse_temperature;  // 1 / tau
+  bool clean_entropy_on, masked_entropy_on, kl_on;  // h, h~, k not 0
 };
 
 template <typename T>
@@ -155,25 +166,45 @@ PAPO_HOST_DEVICE GradientCoefficients<T> gradient_coefficients(const UpstreamGra
       entropy,
       entropy_masked,
       kl,
-      (g.lse - g.logprob) / temperature,
-      g.entropy / temperature,
-      (g.lse_masked - g.logprob_masked + g.kl) / temperature,
-      g.entropy_masked / temperature,
-      g.kl / temperature,
+      g.lse - g.logprob,
+      g.entropy,
+      g.lse_masked - g.logprob_masked + g.kl,
+      g.entropy_masked,
+      g.kl,
+      T(1) / temperature,
+      g.entropy != T(0),
+      g.entropy_masked != T(0),
+      g.kl != T(0),
   };
 }
 
 // dz / tau at the columns, p = e^(log p), without the e_y term (the caller adds g_l / tau at y);
-// log_q is only read through the KL weight.
+// log_q is only read through the KL term.
 template <typename V>
 PAPO_HOST_DEVICE V clean_logit_gradient(V p, V log_p, V log_q, const GradientCoefficients<V>& c) {
-  return p * (c.clean_constant - c.clean_entropy * (log_p + c.entropy) + c.kl_weight * (log_p - log_q - c.kl));
+  V factor = c.clean_constant;
+  if (c.clean_entropy_on) {
+    factor = factor - c.clean_entropy * (log_p + c.entropy);
+  }
+  if (c.kl_on) {
+    factor = factor + c.kl_weight * (log_p - log_q - c.kl);
+  }
+  return p * factor * c.inverse_temperature;
 }
 
-// dz~ / tau at the columns, q = e^(log q), without the e_y term (the caller adds g_l~ / tau at y).
+// dz~ / tau at the columns, q = e^(log q), without the e_y term (the caller adds g_l~ / tau at y); p is
+// only read through the KL term.
 template <typename V>
 PAPO_HOST_DEVICE V masked_logit_gradient(V q, V log_q, V p, const GradientCoefficients<V>& c) {
-  return q * (c.masked_constant - c.masked_entropy * (log_q + c.entropy_masked)) - c.kl_weight * p;
+  V factor = c.masked_constant;
+  if (c.masked_entropy_on) {
+    factor = factor - c.masked_entropy * (log_q + c.entropy_masked);
+  }
+  V gradient = q * factor;
+  if (c.kl_on) {
+    gradient = gradient - c.kl_weight * p;
+  }
+  return gradient * c.inverse_temperature;
 }
 
 }  // namespace papo_epilogue

@@ -214,19 +214,18 @@ struct TokenColumns {
 
 template <typename V, typename T>
 GradientCoefficients<V> broadcast(const GradientCoefficients<T>& c) {
-  return GradientCoefficients<V>{V(c.entropy),         V(c.entropy_masked), V(c.kl),
-                                 V(c.clean_constant),  V(c.clean_entropy),  V(c.masked_constant),
-                                 V(c.masked_entropy),  V(c.kl_weight)};
+  return GradientCoefficients<V>{V(c.entropy),         V(c.entropy_masked),      V(c.kl),
+                                 V(c.clean_constant),  V(c.clean_entropy),       V(c.masked_constant),
+                                 V(c.masked_entropy),  V(c.kl_weight),           V(c.inverse_temperature),
+                                 c.clean_entropy_on,   c.masked_entropy_on,      c.kl_on};
 }
 
 // out[i] = dz_i / tau for clean rows when `clean_dz`, out[n + i] = dz~_i / tau when `masked_dz`; out may be
-// the logits themselves (each column is read before it is written).
+// the logits themselves (each column is read before it is written). A row of the other pass is read only
+// where the KL term is on for the row (papo_epilogue.h: a statistic whose coefficient is 0 is never used).
 template <typename T>
 void gradient_kernel(const Logits<T>& logits, const int64_t* tokens, int64_t n, const TokenColumns<T>& columns,
                      bool clean_dz, bool masked_dz, T* out, int64_t out_stride) {
-  const bool has_kl = columns.grad[6] != nullptr;
-  const bool read_clean = clean_dz || (masked_dz && has_kl);  // dz~ needs p through the KL term
-  const bool read_masked = masked_dz || (clean_dz && has_kl);  // dz needs log q through the KL term
   at::parallel_for(0, n, rows_per_task(logits.vocab), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t token = tokens[i];
@@ -239,6 +238,8 @@ void gradient_kernel(const Logits<T>& logits, const int64_t* tokens, int64_t n, 
       const GradientCoefficients<T> c = gradient_coefficients(
           g, TokenColumns<T>::at(columns.entropy, i), TokenColumns<T>::at(columns.entropy_masked, i),
           TokenColumns<T>::at(columns.kl, i), logits.temperature);
+      const bool read_clean = clean_dz || (masked_dz && c.kl_on);  // dz~ needs p through the KL term
+      const bool read_masked = masked_dz || (clean_dz && c.kl_on);  // dz needs log q through the KL term
       const std::tuple<GradientCoefficients<Vec<T>>, GradientCoefficients<T>> coefficients{broadcast<Vec<T>>(c), c};
       const T lse = columns.lse[i];
       const T lse_masked = TokenColumns<T>::at(columns.lse_masked, i);
@@ -259,10 +260,10 @@ void gradient_kernel(const Logits<T>& logits, const int64_t* tokens, int64_t n, 
       });
       // the e_y terms: g_l / tau and g_l~ / tau at the token
       if (clean_dz) {
-        clean_out[token] += g.logprob / logits.temperature;
+        clean_out[token] += g.logprob * c.inverse_temperature;
       }
       if (masked_dz) {
-        masked_out[token] += g.logprob_masked / logits.temperature;
+        masked_out[token] += g.logprob_masked * c.inverse_temperature;
       }
     }
   });

@@ -56,9 +56,25 @@ def check_choice(name: str, value, allowed: Sequence[str]) -> str:
     return value
 
 
+def _interval(low, high, low_open: bool, high_open: bool) -> str:
+    left = "-inf" if low is None else f"{low}"
+    right = "inf" if high is None else f"{high}"
+    opening, closing = "(" if low_open or low is None else "[", ")" if high_open or high is None else "]"
+    return f"{opening}{left}, {right}{closing}"
+
+
+def shown(value) -> str:
+    """A value as a message shows it: its repr, but an int of more than 30 digits as its order of magnitude (Python
+    refuses to print ints of over 4300 digits)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or abs(value) < 10**30:
+        return repr(value)
+    return f"{'-' if value < 0 else ''}an int of about 10**{int(abs(int(value)).bit_length() * math.log10(2))}"
+
+
 def check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
     """A finite real number in [low, high] (or open ends where asked): a Python or NumPy real, or a one-element
-    real tensor (read with one host sync). Returns it as a float."""
+    real tensor (read with one host sync). Returns it as a float; a Python int beyond float's range is refused
+    like infinity."""
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be a real number or a one-element real tensor, got a tensor of dtype "
@@ -70,16 +86,17 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, high_
         value = value.item()
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and (value >= high if high_open else value > high)
-    if not math.isfinite(value) or below or above:
-        left = "-inf" if low is None else f"{low}"
-        right = "inf" if high is None else f"{high}"
-        opening, closing = "(" if low_open or low is None else "[", ")" if high_open or high is None else "]"
-        interval = f"{opening}{left}, {right}{closing}"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
-    return value
+    interval = _interval(low, high, low_open, high_open)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"{name} must be a finite number in {interval}, got {shown(int(value))}, beyond float's "
+                         "range") from None
+    below = low is not None and (number <= low if low_open else number < low)
+    above = high is not None and (number >= high if high_open else number > high)
+    if not math.isfinite(number) or below or above:
+        raise ValueError(f"{name} must be a finite number in {interval}, got {number}")
+    return number
 
 
 def check_int(name: str, value, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
@@ -96,7 +113,7 @@ def check_int(name: str, value, *, low: Optional[int] = None, high: Optional[int
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-        raise ValueError(f"{name} must be an int in {interval}, got {value}")
+        raise ValueError(f"{name} must be an int in {interval}, got {shown(value)}")
     return value
 
 
@@ -135,6 +152,22 @@ def check_head(hidden: torch.Tensor, weight, bias) -> None:
             raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
 
 
+def check_bias_values(bias: Optional[torch.Tensor], finite=None) -> None:
+    """A bias holds only finite numbers. A token that can never be drawn takes a bias far below the other logits
+    (papo-train's sampling bias is -1e4): its probability is then exactly 0 in float32 while every statistic stays
+    finite, where -inf would make the entropies and the KL NaN (0 x -inf). ``finite`` is
+    ``torch.isfinite(bias).all()`` when the caller has read it already (in its one host transfer)."""
+    if bias is None or bias.numel() == 0:
+        return
+    if finite is None:
+        finite = bool(torch.isfinite(bias).all())
+    if not finite:
+        index = int((~torch.isfinite(bias)).nonzero()[0, 0])
+        raise ValueError(f"bias must hold finite numbers, got {bias[index].item()} at id {index}; for a token that "
+                         "can never be drawn give a bias far below the other logits (say -1e4): its probability is "
+                         "then exactly 0 and the statistics stay finite")
+
+
 def check_token_range(name: str, tokens: torch.Tensor, vocab_size: int) -> None:
     """Ids in [0, V). One host sync: the only one on the way in, paid for a clear error."""
     if tokens.numel() == 0:
@@ -159,21 +192,26 @@ def check_linear_inputs(hidden, weight, tokens, bias, temperature, hidden_masked
     check_has_data(hidden=hidden)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     check_token_range(tokens_name, tokens, weight.shape[0])
+    check_bias_values(bias)
     return temperature
 
 
 def check_completion_values(completion_ids: torch.Tensor, completion_mask: torch.Tensor, vocab_size: int,
-                            max_completion_length: Optional[int]) -> None:
+                            max_completion_length: Optional[int], bias: Optional[torch.Tensor] = None) -> None:
     """The checks of papo_loss that read values, in one host transfer: completion_mask holds only 0 and 1 (or is
-    bool), ids are in [0, V) where the mask is on, and no response is longer than ``max_completion_length``."""
+    bool), ids are in [0, V) where the mask is on, no response is longer than ``max_completion_length``, and the
+    bias is finite (``check_bias_values``)."""
     if completion_ids.numel() == 0:
+        check_bias_values(bias)
         return
     on = completion_mask != 0
     binary = torch.ones((), dtype=torch.bool, device=on.device) if completion_mask.dtype == torch.bool \
         else ((completion_mask == 0) | (completion_mask == 1)).all()
     low, high = torch.aminmax(completion_ids.where(on, 0).reshape(-1))
     longest = on.sum(-1).max()
-    binary, low, high, longest = torch.stack([binary.long(), low.long(), high.long(), longest.long()]).tolist()
+    finite = torch.isfinite(bias).all() if bias is not None and bias.numel() else binary.new_ones(())
+    binary, low, high, longest, finite = torch.stack(
+        [binary.long(), low.long(), high.long(), longest.long(), finite.long()]).tolist()
     if not binary:
         bad = completion_mask[(completion_mask != 0) & (completion_mask != 1)].reshape(-1)[0].item()
         raise ValueError(f"completion_mask must be bool or hold only 0 and 1 (1 for response tokens), got {bad}")
@@ -184,3 +222,4 @@ def check_completion_values(completion_ids: torch.Tensor, completion_mask: torch
     if max_completion_length is not None and longest > max_completion_length:
         raise ValueError(f"max_completion_length must be at least the longest response ({longest} tokens in "
                          f"completion_mask), got {max_completion_length}")
+    check_bias_values(bias, finite=bool(finite))

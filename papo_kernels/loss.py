@@ -16,9 +16,15 @@ sign); both entropies are minimised.
 
 Both apply the same per-token code, to the unmasked tokens only: whatever a masked
 position holds (padding ids, NaN advantages or hidden states) is never read.
+
+Under ``torch.compile`` papo_loss checks what needs no tensor values while it is traced and
+runs the rest as one opaque custom op (``loss_op.py``), whose kernel is this eager function.
+Under ``torch.func`` transforms only ``path='per_token'`` with ``backend='reference'`` (plain
+autograd) runs; every other choice is a clear error.
 """
 
 import inspect
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -28,9 +34,10 @@ from ._checks import check_choice, check_completion_values, check_float_tensor, 
 from ._checks import check_hidden_masked
 from ._checks import check_int, check_int_tensor, check_number, check_same_device, check_shape
 from ._checks import check_tensor
+from . import loss_op
 from ._guards import no_autocast
 from .backends import BACKENDS, reference
-from .fast_path import DEFAULT_WORKSPACE_BYTES, EPILOGUES, FastPAPOLossFunction, FastPathCall, FastPathOptions
+from .fast_path import EPILOGUES, FastPAPOLossFunction, FastPathCall, FastPathOptions
 from .fast_path import resolve_epilogue
 from .objective import ENTROPY_MODES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, PERCEPTION_KL_ESTIMATORS, Objective
 from .objective import Statistics, TokenBatch, Terms, aggregation_weights, token_losses
@@ -40,9 +47,13 @@ from .ops.perception_kl import compute_linear_perception_kl
 PATHS = ("auto", "fast", "per_token")
 FLOAT32 = torch.finfo(torch.float32)
 LOSS_BACKENDS = tuple(dict.fromkeys(BACKENDS + EPILOGUES))
-HYPERPARAMETERS = ("temperature", "epsilon_low", "epsilon_high", "dual_clip", "beta", "gamma", "perception_kl",
-                   "eta_clean", "eta_masked", "entropy", "loss_type", "importance_sampling_level",
-                   "max_completion_length", "num_items_in_batch", "path", "backend", "workspace_bytes")
+# The largest max_completion_length: dr_grpo divides by B x max_completion_length, and float64 counts every integer
+# up to 2**53.
+MAX_COMPLETION_LENGTH = 2**53
+HYPERPARAMETERS = ("temperature", "epsilon_low", "epsilon_high", "dual_clip", "beta", "ref_kl_importance_weighted",
+                   "gamma", "perception_kl", "eta_clean", "eta_masked", "entropy", "loss_type",
+                   "importance_sampling_level", "max_completion_length", "num_items_in_batch", "path", "backend",
+                   "workspace_bytes")
 METRIC_NAMES = ("policy_loss", "clip_fraction_low", "clip_fraction_high", "perception_kl", "ref_kl", "entropy",
                 "entropy_masked", "ratio_mean")
 
@@ -86,6 +97,8 @@ def check_hyperparameters(hyperparameters: Dict[str, object]) -> Dict[str, objec
     if h["dual_clip"] is not None:
         h["dual_clip"] = _setting("dual_clip", h["dual_clip"], low=1.0, low_open=True)
     h["beta"] = _setting("beta", h["beta"], low=0.0)
+    if not isinstance(h["ref_kl_importance_weighted"], bool):
+        raise TypeError(f"ref_kl_importance_weighted must be True or False, got {h['ref_kl_importance_weighted']!r}")
     for name in ("gamma", "eta_clean", "eta_masked"):
         h[name] = _setting(name, h[name])
     check_choice("perception_kl", h["perception_kl"], PERCEPTION_KL_ESTIMATORS)
@@ -94,11 +107,13 @@ def check_hyperparameters(hyperparameters: Dict[str, object]) -> Dict[str, objec
     check_choice("importance_sampling_level", h["importance_sampling_level"], IMPORTANCE_SAMPLING_LEVELS)
     check_choice("path", h["path"], PATHS)
     check_choice("backend", h["backend"], LOSS_BACKENDS)
-    h["workspace_bytes"] = int(check_number("workspace_bytes", h["workspace_bytes"], low=1.0))
-    if h["loss_type"] == "dr_grpo":
-        if h["max_completion_length"] is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int), got None")
-        h["max_completion_length"] = check_int("max_completion_length", h["max_completion_length"], low=1)
+    if h["workspace_bytes"] is not None:  # None: the fast path's policy (fast_path/workspace.py)
+        h["workspace_bytes"] = int(check_number("workspace_bytes", h["workspace_bytes"], low=1.0))
+    if h["loss_type"] == "dr_grpo" and h["max_completion_length"] is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (a positive int), got None")
+    if h["max_completion_length"] is not None:
+        h["max_completion_length"] = check_int("max_completion_length", h["max_completion_length"], low=1,
+                                               high=MAX_COMPLETION_LENGTH)
     if h["num_items_in_batch"] is not None:
         h["num_items_in_batch"] = _setting("num_items_in_batch", h["num_items_in_batch"], divisor=True, low=0.0,
                                            low_open=True)
@@ -156,6 +171,30 @@ def _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantag
         raise ValueError(f"beta > 0 needs ref_logprobs (log-probs under the reference policy), got beta={h['beta']} "
                          "and ref_logprobs=None")
     return h
+
+
+def _warn_masked_terms_off(h: Dict[str, object]) -> None:
+    """gamma and eta_masked weigh statistics of the masked pass: without one their terms are off, said once per
+    call site (Python's default warning filter), not dropped in silence; eta_clean applies."""
+    dropped = [f"{name}={h[name]}" for name in ("gamma", "eta_masked") if h[name] != 0]
+    if dropped:
+        warnings.warn(f"papo_loss: {' and '.join(dropped)} weigh the masked pass, which was not given "
+                      "(hidden_masked or masked_logprobs): those terms are off and the loss is GRPO/DAPO with the "
+                      "clean entropy term (eta_clean); give the masked pass, or gamma=0 and eta_masked=0 (the "
+                      "'grpo' and 'dapo' presets)", UserWarning, stacklevel=3)
+
+
+def _check_not_transformed(h: Dict[str, object]) -> None:
+    """torch.func's transforms (grad, vmap, jacrev, ...) differentiate plain autograd only: the reference backend on
+    the per-token path. The fast path and the fused backends are autograd.Functions that compute their own
+    gradients, which the transforms cannot run."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    if h["path"] != "per_token" or h["backend"] != "reference":
+        raise ValueError(f"papo_loss under a torch.func transform (grad, vmap, jacrev, ...) needs path='per_token' "
+                         f"with backend='reference' (plain autograd, which the transforms differentiate), got "
+                         f"path={h['path']!r}, backend={h['backend']!r}: the fast path and the fused backends compute "
+                         "their own gradients, which torch.func cannot transform")
 
 
 def _token_batch(mask: Tensor, index: Tensor, advantages: Tensor, old_logprobs, ref_logprobs, masked_logprobs,
@@ -255,6 +294,7 @@ def papo_loss(
     epsilon_high: float = 0.28,
     dual_clip: Optional[float] = None,
     beta: float = 0.0,
+    ref_kl_importance_weighted: bool = False,
     gamma: float = 0.01,
     perception_kl: str = "k3",
     eta_clean: float = 0.03,
@@ -266,7 +306,7 @@ def papo_loss(
     num_items_in_batch=None,
     path: str = "auto",
     backend: str = "auto",
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    workspace_bytes: Optional[int] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The PAPO loss of a batch of responses, straight from final hidden states.
 
@@ -295,17 +335,22 @@ def papo_loss(
         hidden_masked: ``(B, T, D)`` the same positions on the masked image; gradient flows
             through both passes (this package's default way).
         masked_logprobs: ``(B, T)`` precomputed, gradient-free log-probs of the masked pass
-            (the authors' default). Give at most one of the two; with neither, the PAPO
-            terms (gamma, eta_clean, eta_masked) are off and this is plain GRPO/DAPO.
+            (the authors' default). Give at most one of the two; with neither, the terms of
+            the masked pass (gamma, eta_masked) are off, with a warning where their
+            coefficients are not 0, and this is GRPO/DAPO plus the clean entropy (eta_clean).
         old_logprobs: ``(B, T)`` log-probs of the rollout policy; None means on-policy (r = 1).
         ref_logprobs: ``(B, T)`` log-probs of the reference policy; needed when beta > 0.
         policy_weights: ``(B, T)`` gradient-free weights of the policy-gradient term per token
             (TRL's importance-sampling correction of vLLM rollouts, top-entropy or off-policy masks).
-        bias: optional ``(V,)`` LM-head bias.
+        bias: optional ``(V,)`` LM-head bias, finite: a token that can never be drawn takes a
+            bias far below the other logits (say -1e4), not -inf, which is refused.
         temperature: sampling temperature; logits are divided by it. > 0.
         epsilon_low, epsilon_high: clip range of the ratio, [1 - eps_low, 1 + eps_high].
         dual_clip: c > 1 bounds the loss of negative-advantage tokens by -c A; None is off.
         beta: coefficient of the reference KL (k3), >= 0.
+        ref_kl_importance_weighted: the reference KL is r * k3, with r the policy-gradient term's
+            ratio before its clip, gradient included (TRL's ``use_bias_correction_kl``), and so is
+            the ``ref_kl`` metric; False is the plain k3 (the paper's).
         gamma: coefficient of the perception KL (maximised).
         perception_kl: ``"k1"``, ``"k2"``, ``"k3"`` (sampled estimators of the log-ratio at
             the response token, k3 clamped as the authors do) or ``"exact"`` (full-vocabulary
@@ -318,7 +363,7 @@ def papo_loss(
             (token sum / (B * ``max_completion_length``)).
         importance_sampling_level: ``"token"`` (PPO's per-token ratio) or ``"sequence"`` (GSPO:
             the log-ratio averaged over each sequence's tokens; runs the per-token path).
-        max_completion_length: needed by ``dr_grpo``; at least the longest response.
+        max_completion_length: needed by ``dr_grpo``; at least the longest response, at most 2**53.
         num_items_in_batch: response tokens in the whole generation batch, for ``dapo``, a number
             > 0 (or a one-element tensor); None uses the local count. Under DDP, which averages
             gradients, pass it divided by the number of processes.
@@ -329,8 +374,12 @@ def papo_loss(
             takes the per-token path), for the fast path the epilogue, ``"torch"``,
             ``"triton"`` or ``"native"`` (which has no per-token op, so it takes the fast
             path under ``no_grad`` too).
-        workspace_bytes: the fast path's budget for its logits chunk and the epilogue's
-            temporaries (256 MiB by default).
+        workspace_bytes: the fast path's budget in bytes for one chunk of rows (its float32
+            logits, the half-precision dZ on CUDA, the epilogue's temporaries, the chunk's hidden
+            rows and their gradients), at least 1. None (the default) picks it from the device:
+            on CUDA min(4 GiB, 10% of free memory), since each chunk re-reads the float32 weight
+            gradient and fewer chunks are faster; on the CPU 256 MiB.
+            ``papo_kernels.fast_path.LOW_MEMORY_WORKSPACE_BYTES`` (256 MiB) is the low-memory setting.
 
     Returns:
         ``(loss, metrics)``: the scalar loss and a dict of detached 0-dim tensors, means
@@ -341,13 +390,20 @@ def papo_loss(
     """
     hyperparameters = dict(
         temperature=temperature, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, beta=beta,
-        gamma=gamma, perception_kl=perception_kl, eta_clean=eta_clean, eta_masked=eta_masked, entropy=entropy,
-        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, path=path,
-        backend=backend, workspace_bytes=workspace_bytes)
+        ref_kl_importance_weighted=ref_kl_importance_weighted, gamma=gamma, perception_kl=perception_kl,
+        eta_clean=eta_clean, eta_masked=eta_masked, entropy=entropy, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch, path=path, backend=backend, workspace_bytes=workspace_bytes)
+    if torch.compiler.is_compiling():
+        return loss_op.traced_papo_loss(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked,
+                                        masked_logprobs, old_logprobs, ref_logprobs, policy_weights, bias,
+                                        hyperparameters)
     h = _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked,
                            masked_logprobs, old_logprobs, ref_logprobs, policy_weights, bias, hyperparameters)
-    check_completion_values(completion_ids, completion_mask, weight.shape[0], h["max_completion_length"])
+    _check_not_transformed(h)
+    if hidden_masked is None and masked_logprobs is None:
+        _warn_masked_terms_off(h)
+    check_completion_values(completion_ids, completion_mask, weight.shape[0], h["max_completion_length"], bias)
     differentiable = (hidden, hidden_masked, weight, bias)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     chosen_path = _choose_path(h, wants_grad)
@@ -360,7 +416,7 @@ def papo_loss(
                              dtype, h)
         objective = Objective(h["epsilon_low"], h["epsilon_high"], h["dual_clip"], h["beta"], h["gamma"],
                               h["perception_kl"], h["eta_clean"], h["eta_masked"], h["entropy"],
-                              h["importance_sampling_level"])
+                              h["importance_sampling_level"], h["ref_kl_importance_weighted"])
         dim = hidden.shape[-1]
         rows = hidden.reshape(-1, dim)[index]
         rows_masked = None if hidden_masked is None else hidden_masked.reshape(-1, dim)[index]

@@ -43,6 +43,7 @@ class Objective:
     eta_masked: float
     entropy: str
     importance_sampling_level: str
+    ref_kl_importance_weighted: bool = False
 
 
 class Statistics(NamedTuple):
@@ -136,6 +137,9 @@ def token_losses(stats: Statistics, batch: TokenBatch, objective: Objective):
 
     A term joins L only with a nonzero coefficient, so a term that is off sends no
     gradient to its statistic (and the fused backends skip the work it would cost).
+    Without a masked pass (neither ``hidden_masked`` nor ``masked_logprobs``) the
+    perception KL and the masked entropy do not exist and their terms are off
+    (``papo_loss`` warns where their coefficients are not 0); ``eta_clean`` applies.
     """
     logprobs = stats.logprobs
     log_ratio = importance_log_ratio(logprobs, batch, objective.importance_sampling_level)
@@ -147,6 +151,8 @@ def token_losses(stats: Statistics, batch: TokenBatch, objective: Objective):
     ref_kl = None
     if batch.ref_logprobs is not None:
         ref_kl = sampled_kl(logprobs, batch.ref_logprobs, "k3")
+        if objective.ref_kl_importance_weighted:  # TRL's use_bias_correction_kl: r k3, with r's gradient
+            ref_kl = ratio * ref_kl
         if objective.beta > 0:
             losses = losses + objective.beta * ref_kl
 
@@ -160,10 +166,11 @@ def token_losses(stats: Statistics, batch: TokenBatch, objective: Objective):
             perception = sampled_kl(logprobs, logprobs_masked, objective.perception_kl)
         exact_masked = objective.entropy == "exact" and batch.masked_logprobs is None
         entropy_masked = stats.entropy_masked if exact_masked else -logprobs_masked
-        for coefficient, term in ((-objective.gamma, perception), (objective.eta_clean, entropy),
-                                  (objective.eta_masked, entropy_masked)):
-            if coefficient != 0:
-                losses = losses + coefficient * term
+    # Without a masked pass the perception KL and the masked entropy are absent; the clean entropy is not.
+    for coefficient, term in ((-objective.gamma, perception), (objective.eta_clean, entropy),
+                              (objective.eta_masked, entropy_masked)):
+        if coefficient != 0 and term is not None:
+            losses = losses + coefficient * term
     return losses, Terms(pg, ratio, low_clipped, high_clipped, perception, ref_kl, entropy, entropy_masked)
 
 

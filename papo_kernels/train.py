@@ -4,15 +4,17 @@
     papo-train --preset dapo --output-dir runs/dapo   # the same without the PAPO terms
     papo-train --model ~/models/Qwen2.5-VL-3B-Instruct --data train.jsonl --preset papo_g
     papo-train --config examples/qwen2_5_vl_3b_papo_d.yaml       # the GPU recipe (README, Training)
-    accelerate launch --num_processes 2 -m papo_kernels.train ...   # data parallel
+    accelerate launch --multi_gpu --num_processes 2 -m papo_kernels.train ...   # data parallel
 
 Settings come from the config's defaults, then ``--config`` (YAML), then the flags
 given. ``--resume`` continues from ``OUTPUT_DIR/checkpoint.pt`` with the config saved
 there; flags may change only what ``trainer/resume.py`` allows (``--steps`` to extend a
 run whose schedules do not depend on it, say) and anything else is refused.
 
-A bad config, file or resume request ends the command with one line,
-``papo-train: error: ...``, naming the field or file, and exit status 2.
+A bad config, file or resume request, an output directory another run writes in, or an
+output file that cannot be written (a full disk) ends the command with one line,
+``papo-train: error: ...``, naming the field or file, and exit status 2. The first line
+printed says how many processes train.
 """
 
 import argparse
@@ -28,7 +30,7 @@ from .trainer.model_options import ATTN_IMPLEMENTATIONS, MIXED_PRECISIONS
 from .trainer.checkpoint import load_checkpoint
 from .trainer.config import TrainerConfig
 from .trainer.data import SYNTHETIC_TASKS
-from .trainer.errors import TrainerInputError, TrainerWarning
+from .trainer.errors import TrainerInputError, TrainerOutputError, TrainerWarning
 from .trainer.loop import Trainer
 from .trainer.metrics_log import METRICS_NAME
 from .trainer.plotting import PLOT_NAME
@@ -108,7 +110,20 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     else:
         config = TrainerConfig()
     overrides = {name: values[name] for name in FLAG_FIELDS if name in values}
-    return dataclasses.replace(config, **overrides).validate()
+    config = dataclasses.replace(config, **overrides)
+    if "tasks" in overrides and config.data is not None:
+        raise TrainerInputError("--tasks picks the synthetic tasks, which --data replaces; give one of them")
+    return config.validate()
+
+
+def _processes(accelerator) -> str:
+    """How many processes train, and how: `accelerate launch --num_processes N` without --multi_gpu (or a config that
+    sets it) runs one process on a machine without GPUs, which this line shows."""
+    count = accelerator.num_processes
+    if count == 1:
+        return f"1 process on {accelerator.device.type} (for data parallelism: accelerate launch --multi_gpu " \
+               "--num_processes N -m papo_kernels.train)"
+    return f"{count} processes on {accelerator.device.type}, data parallel ({accelerator.distributed_type.value})"
 
 
 def _mean(values: List[float]) -> float:
@@ -134,9 +149,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             config = build_config(args)
             trainer = Trainer(config, resume=getattr(args, "resume", False),
                               overwrite_output_dir=getattr(args, "overwrite_output_dir", False))
+            if trainer.accelerator.is_main_process:
+                print(f"{parser.prog}: {_processes(trainer.accelerator)}", flush=True)
             start = time.perf_counter()
             records = trainer.train()
-    except TrainerInputError as error:
+    except (TrainerInputError, TrainerOutputError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if trainer.accelerator.is_main_process and records:
         window = max(1, len(records) // 10)

@@ -1,5 +1,7 @@
 """Bad input raises TypeError/ValueError naming the argument, before any computation."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -119,3 +121,33 @@ def test_papo_loss_module_rejects_unknown_hyperparameters_and_presets():
         PAPOLoss(gama=0.1)
     with pytest.raises(ValueError, match="name must be one of .*'papo_x'"):
         PAPOLoss.from_preset("papo_x")
+
+
+def test_eta_clean_applies_without_a_masked_pass():
+    """The clean entropy needs no masked pass: eta_clean = 100 adds 100 x the token mean of the entropy (dapo), where
+    it used to give the loss of eta_clean = 0."""
+    inputs = {name: value.double() if value.is_floating_point() else value for name, value in
+              good_loss_inputs().items()}
+    off = dict(gamma=0.0, eta_masked=0.0)
+    without, metrics = papo_loss(*inputs.values(), eta_clean=0.0, **off)
+    with_entropy, _ = papo_loss(*inputs.values(), eta_clean=100.0, **off)
+    assert float(with_entropy - without) == pytest.approx(100.0 * float(metrics["entropy"]), rel=1e-12)
+    assert metrics["entropy"] > 0
+
+
+def test_gamma_or_eta_masked_without_a_masked_pass_warn_once_per_call_site():
+    inputs = good_loss_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own filter: once per message and call site
+        for _ in range(3):
+            papo_loss(*inputs.values(), gamma=0.01, eta_masked=0.03)
+    assert [str(w.message) for w in caught] == [
+        "papo_loss: gamma=0.01 and eta_masked=0.03 weigh the masked pass, which was not given (hidden_masked or "
+        "masked_logprobs): those terms are off and the loss is GRPO/DAPO with the clean entropy term (eta_clean); "
+        "give the masked pass, or gamma=0 and eta_masked=0 (the 'grpo' and 'dapo' presets)"]
+    assert caught[0].category is UserWarning and caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        papo_loss(*inputs.values(), gamma=0.0, eta_masked=0.0, eta_clean=0.5)
+        papo_loss(*inputs.values(), hidden_masked=inputs["hidden"] + 0.1)
+        papo_loss(*inputs.values(), masked_logprobs=torch.full((B, T), -1.0))

@@ -13,7 +13,8 @@ import torch
 from benchmarks import correctness, gpu_check, stages
 from benchmarks.correctness import CheckedPath, Checker, CheckCase
 from papo_kernels.fast_path import resolve_epilogue
-from papo_kernels.fast_path.chunk_loop import rows_per_chunk
+from papo_kernels.fast_path.chunk_loop import bytes_per_token, rows_per_chunk
+from papo_kernels.fast_path.workspace import resolve_workspace_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_FILE_BYTES = 16 * 2**20
@@ -71,20 +72,47 @@ def test_every_path_and_dtype_is_checked_and_passes(tiny_run):
 def test_stages_follow_the_chunk_loop(tiny_run):
     out, _ = tiny_run
     rows = read_csv(out / "stages.csv")
-    assert {row["stage"] for row in rows if row["epilogue"] == "-"} == {"matmul N x V", "three GEMMs, whole N"}
+    assert {row["stage"] for row in rows if row["epilogue"] == "-" and not row["stage"].startswith(("dW product",
+            "logits error"))} == {"matmul N x V", "three GEMMs, whole N"}
     shape = stages.TINY_SHAPE
-    for epilogue, budgets in stages.TINY_PLAN:
-        for budget in budgets:
-            mine = {row["stage"]: row for row in rows if row["epilogue"] == epilogue
-                    and float(row["workspace_mib"]) * stages.MiB == budget}
-            assert set(mine) == set(stages.STAGE_FLOPS_PER_NDV) | {"other"}, (epilogue, budget, mine)
-            module = resolve_epilogue(epilogue, torch.device("cpu"), torch.float32)
-            chunk = rows_per_chunk(shape.n, shape.v, shape.d, True, 4, False,
-                                   module.workspace_bytes_per_token(shape.v, True, 4), budget)
-            for stage, row in mine.items():
-                assert int(row["chunk_tokens"]) == chunk and int(row["chunks"]) == -(-shape.n // chunk)
-                if stage != "other":
-                    assert float(row["median_ms"]) > 0 and float(row["byte_floor_ms"]) > 0
+    for budget in stages.TINY_PLAN:
+        module = resolve_epilogue(budget.epilogue, torch.device("cpu"), torch.float32)
+        epilogue_bytes = module.workspace_bytes_per_token(shape.v, True, 4)
+        workspace = resolve_workspace_bytes(budget.workspace_bytes, torch.device("cpu"), budget.grad_weight,
+                                            bytes_per_token(shape.v, shape.d, True, 4, False, epilogue_bytes))
+        mine = {row["stage"]: row for row in rows if (row["epilogue"], row["dw"]) == (budget.epilogue,
+                budget.grad_weight) and row["workspace_mib"] and float(row["workspace_mib"]) * stages.MiB == workspace}
+        assert set(mine) == set(stages.STAGE_FLOPS_PER_NDV) | {"other"}, (budget, mine)
+        chunk = rows_per_chunk(shape.n, shape.v, shape.d, True, 4, False, epilogue_bytes, workspace)
+        for stage, row in mine.items():
+            assert int(row["chunk_tokens"]) == chunk and int(row["chunks"]) == -(-shape.n // chunk)
+            if stage != "other":
+                assert float(row["median_ms"]) > 0 and float(row["byte_floor_ms"]) > 0
+
+
+def test_the_kernel_probes_measure_both_dw_kernels_and_both_statistics_schedules(tiny_run):
+    out, _ = tiny_run
+    rows = read_csv(out / "stages.csv")
+    probes = stages.TINY_PROBES
+    for k in probes.k_rows:
+        products = {row["stage"]: row for row in rows if row["stage"].startswith("dW product")
+                    and row["note"].startswith(f"K = {k} rows")}
+        assert set(products) == {"dW product, addmm", "dW product, reduce-add"}, products
+        for row in products.values():
+            assert float(row["median_ms"]) > 0 and float(row["tflops"]) > 0
+        difference = float(re.search(r"max \|reduce-add - addmm\| / max \|addmm\| = ([0-9.e+-]+)",
+                                     products["dW product, reduce-add"]["note"]).group(1))
+        assert difference < 1e-5  # float32 sums of the same products in another order
+    for tokens in probes.token_counts:
+        sweeps = {row["stage"] for row in rows if row["stage"].startswith("statistics sweep")
+                  and int(row["chunk_tokens"]) == tokens and float(row["median_ms"]) > 0}
+        assert sweeps == {"statistics sweep, one split", "statistics sweep, split V"}
+    errors = [row["note"] for row in rows if row["stage"].startswith("logits error")]
+    assert len(errors) == 2 and all("mean error of |z|" in note for note in errors)
+    (in_the_loss,) = [row["note"] for row in rows if row["stage"] == "dW kernel in the loss"]
+    difference = re.search(r"max \|reduce-add - addmm\| / max \|addmm\| = ([0-9.e+-]+) \(one rounding of float32",
+                           in_the_loss)
+    assert float(difference.group(1)) < 1e-5
 
 
 def test_sweep_has_both_distributions_and_the_fast_path(tiny_run):
@@ -95,7 +123,8 @@ def test_sweep_has_both_distributions_and_the_fast_path(tiny_run):
     assert {(row["op"], row["mode"]) for row in rows if row["implementation"] != "torch.matmul"} == set(
         gpu_check.PAIRS)
     for distribution in ("spread", "peaked"):
-        for name in ("papo_kernels.fast.torch", "papo_kernels.fast.triton", "papo_kernels.triton", "naive_torch",
+        for name in ("papo_kernels.fast.torch", "papo_kernels.fast.triton", "papo_kernels.fast.triton.256MiB",
+                     "papo_kernels.fast.triton.reduce_add", "papo_kernels.triton", "naive_torch",
                      "trl_chunked_logprob"):
             (row,) = [row for row in rows if (row["implementation"], row["op"], row["distribution"])
                       == (name, "papo_loss", distribution)]
@@ -118,7 +147,7 @@ def test_each_part_gets_its_share_of_the_time_left():
     early = gpu_check.part_deadline(101.0, 100.0 + total, parts[1:])
     rest = sum(gpu_check.PART_SHARES[part] for part in parts[1:])
     assert early == pytest.approx(101.0 + (total - 1.0) * gpu_check.PART_SHARES[parts[1]] / rest)
-    assert gpu_check.part_deadline(200.0, 100.0 + total, parts[2:]) == 200.0  # past the limit: no new work
+    assert gpu_check.part_deadline(200.0, 100.0 + total, parts[-1:]) == 200.0  # past the limit: no new work
 
 
 def test_summary_has_the_statistics_gemm_rows(tiny_run):

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from papo_kernels.hidden_states import completion_hidden_states, output_head, unwrap_model
+from papo_kernels.hidden_states import completion_hidden_states, gathered_head, output_head, unwrap_model
 from papo_kernels.trainer.data import synthetic_example, synthetic_words
 from papo_kernels.trainer.rollout import encode_prompts
 from papo_kernels.trainer.tiny_model import build_model, build_processor
@@ -122,9 +122,9 @@ def test_a_lora_adapter_on_the_head_is_refused(model_and_inputs):
         completion_hidden_states(model, model_and_inputs[1], COMPLETION)
 
 
-def test_a_partitioned_head_is_refused():
-    """DeepSpeed ZeRO-3 leaves an empty placeholder in a parameter outside the module's forward; this is that
-    state, made by hand (DeepSpeed needs an accelerator to partition)."""
+def test_an_empty_head_is_refused():
+    """A head whose weight is an empty placeholder that is not DeepSpeed's (a real ZeRO-3 head is tested in
+    tests/test_zero3.py), made by hand."""
     class Head(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -134,5 +134,11 @@ def test_a_partitioned_head_is_refused():
         def get_output_embeddings(self):
             return self.lm_head
 
-    with pytest.raises(ValueError, match=r"LM head's weight is empty \(shape \(0,\)\).*DeepSpeed ZeRO-3"):
+    with pytest.raises(ValueError, match=r"LM head's weight is empty \(shape \(0,\)\), partitioned outside"):
         output_head(Head())
+
+
+def test_gathered_head_without_zero3_is_the_heads_own_weight(model_and_inputs):
+    model, _ = model_and_inputs
+    with gathered_head(Wrapper(model)) as (weight, bias):
+        assert weight is model.lm_head.weight and bias is None

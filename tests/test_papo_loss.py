@@ -49,15 +49,17 @@ def expected_loss(batch, *, masked_input, with_old, with_ref, dual_clip, percept
     if with_ref:
         d_ref = np.clip(batch["ref_logprobs"].numpy() - l, -20, 20)
         loss = loss + beta * np.clip(np.exp(d_ref) - d_ref - 1, -10, 10)
+    if entropy == "sampled":
+        h = -l
     if masked_input is not None:
         d = lm - l
         kl = {"k1": -d, "k2": d * d / 2, "exact": kl_exact,
               "k3": np.clip(np.exp(np.clip(d, -20, 20)) - np.clip(d, -20, 20) - 1, -10, 10)}[perception_kl]
         if entropy == "sampled" or masked_input == "masked_logprobs":
             hm = -lm
-        if entropy == "sampled":
-            h = -l
         loss = loss - gamma * kl + eta_clean * h + eta_masked * hm
+    else:  # the clean entropy needs no masked pass; the perception KL and the masked entropy do
+        loss = loss + eta_clean * h
     loss = np.where(mask, loss, 0.0)
     if loss_type == "grpo":
         return np.mean(loss.sum(-1) / np.maximum(mask.sum(-1), 1))

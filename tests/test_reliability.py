@@ -3,6 +3,10 @@ autocast changes nothing, and a second derivative through a fused backward raise
 
 import contextlib
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from papo_kernels import PAPOLoss, linear_logprobs, linear_perception_kl, papo_l
 
 from backend_cases import triton_device
 
+REPOSITORY = Path(__file__).resolve().parents[1]
 B, T, D, V = 3, 6, 8, 29
 PATHS = [("fast", "native"), ("fast", "torch"), ("fast", "triton"), ("per_token", "torch"), ("per_token", "triton"),
          ("per_token", "reference")]
@@ -141,7 +146,15 @@ BAD_NUMBERS = [
     ("numpy float max_completion_length", dict(loss_type="dr_grpo", max_completion_length=np.float64(8.0)),
      TypeError, ["max_completion_length must be an int", "8.0"]),
     ("zero max_completion_length", dict(loss_type="dr_grpo", max_completion_length=np.int64(0)), ValueError,
-     ["max_completion_length must be an int in [1, inf]", "got 0"]),
+     ["max_completion_length must be an int in [1, 9007199254740992]", "got 0"]),
+    ("max_completion_length beyond float", dict(loss_type="dr_grpo", max_completion_length=10**400), ValueError,
+     ["max_completion_length must be an int in [1, 9007199254740992]", "got an int of about 10**400"]),
+    ("max_completion_length of another loss type", dict(max_completion_length="7"), TypeError,
+     ["max_completion_length must be an int", "'7'"]),
+    ("-inf bias entry", dict(bias=torch.zeros(V).index_fill(0, torch.tensor([3]), float("-inf"))), ValueError,
+     ["bias must hold finite numbers, got -inf at id 3", "say -1e4"]),
+    ("nan bias entry", dict(bias=torch.zeros(V).index_fill(0, torch.tensor([28]), float("nan"))), ValueError,
+     ["bias must hold finite numbers, got nan at id 28"]),
     ("half mask", dict(completion_mask=torch.full((B, T), 0.5)), ValueError, ["completion_mask", "0.5"]),
     ("negative mask", dict(completion_mask=-torch.ones(B, T)), ValueError, ["completion_mask", "-1.0"]),
     ("nan mask", dict(completion_mask=torch.full((B, T), float("nan"))), ValueError, ["completion_mask", "nan"]),
@@ -160,6 +173,49 @@ def test_bad_numbers_and_masks_are_rejected(what, changes, error, words):
         call_with(**changes)
     for word in words:
         assert word in str(raised.value), f"{what}: {word!r} not in {str(raised.value)!r}"
+
+
+NUMBER_SETTINGS = ["temperature", "epsilon_low", "epsilon_high", "dual_clip", "beta", "gamma", "eta_clean",
+                   "eta_masked", "num_items_in_batch", "workspace_bytes"]
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("name", NUMBER_SETTINGS)
+def test_an_int_beyond_float_is_a_clear_error_naming_the_setting(name, sign):
+    """10**400 is a Python int that float() cannot hold: a ValueError naming the setting, in papo_loss and in
+    PAPOLoss's constructor alike, not an OverflowError naming nothing."""
+    for call in (lambda: call_with(**{name: sign * 10**400}), lambda: PAPOLoss(**{name: sign * 10**400})):
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number in .*, got "
+                                             f"{'-' if sign < 0 else ''}an int of about 10\\*\\*400, beyond"):
+            call()
+
+
+def test_the_lm_head_ops_refuse_a_non_finite_bias():
+    batch = make_batch()
+    bias = batch["bias"].index_fill(0, torch.tensor([5]), float("-inf"))
+    with pytest.raises(ValueError, match="bias must hold finite numbers, got -inf at id 5"):
+        linear_logprobs(batch["hidden"], batch["weight"], batch["completion_ids"], bias=bias)
+    with pytest.raises(ValueError, match="bias must hold finite numbers, got -inf at id 5"):
+        linear_perception_kl(batch["hidden"], batch["hidden_masked"], batch["weight"], batch["completion_ids"],
+                             bias=bias)
+
+
+def test_a_bias_far_below_the_logits_is_a_token_never_drawn_with_finite_statistics():
+    """What the refusal of -inf points to: -1e4 gives the token probability 0 and every statistic finite, on every
+    path and backend."""
+    batch = make_batch()
+    batch["bias"] = batch["bias"].index_fill(0, torch.tensor([3]), -1e4)
+    batch["completion_ids"] = batch["completion_ids"].where(batch["completion_ids"] != 3, 4)
+    for path, backend in PATHS:
+        loss, metrics, grads = loss_and_grads(make_device_batch(batch, backend), path, backend)
+        assert torch.isfinite(loss) and all(torch.isfinite(value) for value in metrics.values()), (path, backend)
+        assert all(torch.isfinite(grad).all() for grad in grads.values()), (path, backend)
+        assert grads["bias"][3] == 0, "a token of probability 0 gets no bias gradient"
+
+
+def make_device_batch(batch, backend):
+    device = triton_device() if backend == "triton" else "cpu"
+    return {name: value.to(device) for name, value in batch.items()}
 
 
 def test_numpy_scalars_and_one_element_tensors_are_numbers_like_python_floats():
@@ -312,3 +368,31 @@ def test_second_derivatives_through_the_reference_are_exact():
         return tuple(linear_perception_kl(h, hm, w, tokens, backend="reference"))
 
     assert torch.autograd.gradgradcheck(outputs, (hidden, hidden_masked, weight))
+
+
+BROKEN_TRITON = """
+import warnings
+import torch
+from papo_kernels.backends import resolve_backend
+from papo_kernels.fast_path import resolve_epilogue
+
+cuda = torch.device("cuda")  # only resolved, never touched: this needs no GPU
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    names = [resolve_backend("auto", cuda, torch.bfloat16).__name__.rsplit(".", 1)[-1],
+             resolve_epilogue("auto", cuda, torch.bfloat16).NAME]
+print(names, len(caught), str(caught[0].message).split(",")[0])
+"""
+
+
+def test_a_triton_install_that_raises_at_import_makes_auto_fall_back(tmp_path):
+    """A broken install raises more than ImportError (here a RuntimeError, as a missing driver library gives): auto
+    runs the torch code with its one warning, as where triton is missing, instead of raising on CUDA tensors."""
+    package = tmp_path / "triton"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise RuntimeError("simulated broken install: libcuda.so.1 not found")\n')
+    path = os.pathsep.join([str(tmp_path), str(REPOSITORY)])
+    result = subprocess.run([sys.executable, "-c", BROKEN_TRITON], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": path}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['torch_chunked', 'torch'] 1 papo_kernels: triton does not import"

@@ -19,7 +19,7 @@
    the cubin's resource usage. A table of every compile is printed.
 
 A kernel added later joins by picking its config through ``_triton_utils.launch_config``; the fast path's epilogue
-picks its blocks with its own ``_blocks()`` for now, which the recording points at its CUDA blocks.
+picks its config with its own ``active_config()`` for now, which the recording points at its CUDA config.
 """
 
 import functools
@@ -72,19 +72,21 @@ def _cuda_like_products():
     from papo_kernels.fast_path import chunk_loop
 
     class CudaLikeProducts(chunk_loop.MatrixProducts):
-        def __init__(self, weight):
-            super().__init__(weight)
+        def __init__(self, weight, grad_weight_kernel="addmm"):
+            super().__init__(weight, grad_weight_kernel)
             if weight.dtype in chunk_loop.HALF_DTYPES:
                 self.native_half, self.input_dtype, self.weight = True, weight.dtype, weight
 
         def logits(self, rows, out):
             return out.copy_(rows.float() @ self.weight.float().T)
 
-        def grad_rows(self, dz, out):
-            out.copy_(dz.float() @ self.weight.float())
+        def grad_rows(self, dz, out, alpha=1.0):
+            out.copy_(dz.float() @ self.weight.float() * alpha)
 
-        def accumulate_grad_weight(self, accumulator, dz, rows):
-            accumulator.add_(dz.float().T @ rows.float())
+        def accumulate_grad_weight(self, accumulator, dz, rows, alpha=1.0, accumulate=True):
+            if not accumulate:
+                accumulator.zero_()
+            accumulator.add_(dz.float().T @ rows.float(), alpha=alpha)
 
     return CudaLikeProducts
 
@@ -199,7 +201,7 @@ def record_launches(capability: int, monkeypatch) -> list:
         patch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: recorder.run(self, *args, **kwargs))
         patch.setattr(chunk_loop, "MatrixProducts", products)
         patch.setattr(head_chunks, "MatrixProducts", products)
-        patch.setattr(triton_epilogue, "_blocks", lambda: triton_epilogue.CUDA_BLOCKS)
+        patch.setattr(triton_epilogue, "active_config", lambda: triton_epilogue.config_for(capability))
         for dtype in (torch.float32, torch.float16):
             _drive_ops(dtype)
             _drive_papo_loss(dtype)
@@ -313,8 +315,8 @@ def test_every_launched_kernel_fits_sm80_and_sm90(monkeypatch):
         pytest.skip("records the launches through the interpreter, which runs only without a CUDA device")
     records = distinct([record for capability in (8, 9) for record in record_launches(capability, monkeypatch)])
     launched = {record["kernel"][1] for record in records}
-    assert {"_logit_partials_kernel", "_finalize_kernel", "_epilogue_statistics_kernel",
-            "_epilogue_gradient_kernel"} <= launched, launched
+    assert {"_logit_partials_kernel", "_finalize_kernel", "_statistics_partials_kernel",
+            "_finalize_statistics_kernel", "_epilogue_gradient_kernel"} <= launched, launched
     table, rows = _compiled_rows(json.dumps(records))
     print(f"\n{len(records)} distinct launches, {len(rows)} compiles\n{table}")
     assert len(rows) == len(records)

@@ -33,11 +33,14 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 goes t
 
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
+    """Whether triton imports. Any exception counts as no: a broken install raises more than ImportError (a
+    RuntimeError of a driver or compiler it cannot find, an AttributeError of a version clash), and ``auto`` then
+    runs the torch code, with its one warning, as where triton is missing."""
     if importlib.util.find_spec("triton") is None:
         return False
     try:
         import triton  # noqa: F401
-    except ImportError:
+    except Exception:  # noqa: BLE001 (any failure of the import means no triton here)
         return False
     return True
 

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from .._guards import fused_backward
-from ..fast_path.chunk_loop import DEFAULT_WORKSPACE_BYTES, MatrixProducts, rows_per_chunk
+from ..fast_path.chunk_loop import MatrixProducts, rows_per_chunk
 from ..fast_path.epilogues import torch_epilogue
 from ..fast_path.epilogues.contract import RowStatistics, UpstreamGradients
+from ..fast_path.workspace import LOW_MEMORY_WORKSPACE_BYTES
 from .reference import compute_dtype
 
 
@@ -114,7 +115,7 @@ class GradientPlan:
 class HeadOptions:
     head: ChunkedHead
     temperature: float
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    workspace_bytes: int = LOW_MEMORY_WORKSPACE_BYTES
 
 
 def forward_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],

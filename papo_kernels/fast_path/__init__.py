@@ -2,8 +2,11 @@
 
 The layers, top to bottom (shared STYLE.md):
 
-1. ``chunk_loop.py``: sizes the chunk from the workspace budget, calls the matrix products
-   of the device's library and the epilogue, accumulates the gradients; nothing device-specific;
+1. ``chunk_loop.py``: sizes the chunk from the workspace budget (``workspace.py``: the policy when
+   none is given), calls the matrix products of the device's library and the epilogue, accumulates
+   the gradients; nothing device-specific. The weight gradient's product is ``addmm`` or, behind a
+   flag, a Triton GEMM that adds its tiles by TMA reduce-add (``grad_weight.py``,
+   ``triton_grad_weight.py``);
 2. ``epilogues/``: one per device, one contract (``epilogues/contract.py``): a logits chunk
    in, per-row statistics and then dZ out (Triton on CUDA, native C++ from ``csrc/`` on CPU, plain
    torch everywhere as the second opinion);
@@ -16,9 +19,10 @@ backward per pass, two passes), against 16 N D V for the per-token ops, whose ba
 recomputes the logits.
 """
 
-from .chunk_loop import DEFAULT_WORKSPACE_BYTES, FastPathOptions
+from .chunk_loop import FastPathOptions
 from .epilogues import EPILOGUES, resolve_epilogue
 from .function import FastPAPOLossFunction, FastPathCall
+from .workspace import LOW_MEMORY_WORKSPACE_BYTES
 
-__all__ = ["DEFAULT_WORKSPACE_BYTES", "EPILOGUES", "FastPAPOLossFunction", "FastPathCall", "FastPathOptions",
+__all__ = ["EPILOGUES", "FastPAPOLossFunction", "FastPathCall", "FastPathOptions", "LOW_MEMORY_WORKSPACE_BYTES",
            "resolve_epilogue"]

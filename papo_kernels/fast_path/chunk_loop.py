@@ -13,12 +13,27 @@ Per chunk of C tokens (shared STYLE.md, "a path built from library products and 
    W is float32), ``db += sum_rows dZ``.
 
 Matrix work: 2 x 2CDV per chunk forward, 2 x 2 x 2CDV backward, so 12 N D V for N tokens,
-nothing recomputed. Memory besides the gradients: the logits workspace (R x V in float32,
-R = 2C, sized from ``workspace_bytes``), the epilogue's temporaries (counted in the same
-budget), a half-precision dZ buffer for half inputs on CUDA (also counted), and the float32
-dW accumulator.
+nothing recomputed. Memory besides the gradients: the workspace (R x V float32 logits, R = 2C,
+the epilogue's temporaries, a half-precision dZ buffer for half inputs on CUDA, the chunk's
+stacked rows and their gradient rows: ``bytes_per_token``), sized by ``workspace_bytes`` or, when
+that is None, by the policy of ``workspace.py``; and the float32 dW accumulator.
+
+Numerics:
+
+- the loss is the sum of the chunks' totals in float64 (each total a float32 sum of its tokens),
+  so its rounding does not grow with the number of chunks;
+- a float16 dZ would underflow: its entries carry the aggregation weight (1/N for DAPO), and
+  p / N at N = 16384 lies near 1e-9, below float16's smallest subnormal (6e-8). The upstream
+  gradients, in which dZ is linear for every epilogue, are scaled per chunk by a power of two
+  that brings their largest into (1/2, 1] (``dz_scale``) before the epilogue runs, and the
+  products take the inverse as their alpha. Scaling by a power of two is exact. It costs one
+  host sync a chunk (the scale is a host number for the library's alpha), in float16 only;
+  bfloat16 has float32's range and needs none.
+
+The dW product is ``addmm`` by default, or the reduce-add kernel (``grad_weight.py``).
 """
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
@@ -28,15 +43,19 @@ from torch import Tensor
 from ..backends.reference import compute_dtype
 from ..objective import Objective, Statistics, TokenBatch, Terms, token_losses
 from .epilogues.contract import RowStatistics, UpstreamGradients
+from .grad_weight import HALF_DTYPES, resolve_grad_weight_kernel
+from .workspace import resolve_workspace_bytes
 
-DEFAULT_WORKSPACE_BYTES = 256 * 2**20
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+SCALE_EXPONENT_LIMIT = 126  # dz_scale and its inverse stay normal float32 numbers
 
 
 @dataclass(frozen=True)
 class FastPathOptions:
     temperature: float
-    workspace_bytes: int
+    workspace_bytes: Optional[int] = None  # None: the policy of workspace.py
+    # The dtype of the dZ buffer; None: the inputs' half dtype where the library multiplies half inputs into
+    # float32 results (CUDA), else dZ overwrites the float32 logits. Tests set it to run the half-dZ code on CPU.
+    dz_dtype: Optional[torch.dtype] = None
 
 
 class FastPathResult(NamedTuple):
@@ -58,14 +77,17 @@ class MatrixProducts:
 
     Half inputs on CUDA multiply as they are into float32 results (``out_dtype``). Elsewhere
     (CPU; CUDA with torch < 2.8) half inputs are multiplied in float32, from one float32 copy
-    of the weight made per call.
+    of the weight made per call. ``alpha`` scales a product before it is written or added.
+    The weight gradient is accumulated by ``addmm`` or by the reduce-add kernel
+    (``grad_weight_kernel``, see ``grad_weight.py``).
     """
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, grad_weight_kernel: str = "addmm"):
         self.result_dtype = compute_dtype(weight.dtype)
         self.native_half = _native_half_products(weight.device, weight.dtype)
         self.input_dtype = weight.dtype if self.native_half else self.result_dtype
         self.weight = weight.to(self.input_dtype)
+        self.grad_weight_kernel = grad_weight_kernel
 
     def logits(self, rows: Tensor, out: Tensor) -> Tensor:
         """out = rows @ W^T."""
@@ -73,33 +95,61 @@ class MatrixProducts:
             return torch.mm(rows, self.weight.T, out_dtype=self.result_dtype, out=out)
         return torch.mm(rows.to(self.input_dtype), self.weight.T, out=out)
 
-    def grad_rows(self, dz: Tensor, out: Tensor) -> None:
-        """out = dz @ W, in out's dtype."""
+    def grad_rows(self, dz: Tensor, out: Tensor, alpha: float = 1.0) -> None:
+        """out = alpha dz @ W, in out's dtype (beta = 0: out's old values are never read)."""
+        dz = dz.to(self.input_dtype)
         if out.dtype == self.input_dtype:
-            torch.mm(dz, self.weight, out=out)
+            torch.addmm(out, dz, self.weight, beta=0.0, alpha=alpha, out=out)
         else:
-            out.copy_(torch.mm(dz, self.weight))
+            out.copy_(torch.mm(dz, self.weight).mul_(alpha))
 
-    def accumulate_grad_weight(self, accumulator: Tensor, dz: Tensor, rows: Tensor) -> None:
-        """accumulator += dz^T @ rows, accumulated in float32 (``out=`` rather than ``addmm_``, which torch's
-        FLOP counter does not see)."""
-        if self.native_half:
-            torch.addmm(accumulator, dz.T, rows, out_dtype=self.result_dtype, out=accumulator)
+    def accumulate_grad_weight(self, accumulator: Tensor, dz: Tensor, rows: Tensor, alpha: float = 1.0,
+                               accumulate: bool = True) -> None:
+        """accumulator += alpha dz^T @ rows in float32 (``accumulate=False``: accumulator = alpha dz^T @ rows). By
+        ``addmm`` with ``out=`` rather than ``addmm_``, which torch's FLOP counter does not see, or by the reduce-add
+        kernel."""
+        dz, rows = dz.to(self.input_dtype), rows.to(self.input_dtype)
+        if self.grad_weight_kernel == "reduce_add":
+            from . import triton_grad_weight
+
+            triton_grad_weight.accumulate_grad_weight(accumulator, dz, rows, alpha, accumulate)
+        elif self.native_half:
+            torch.addmm(accumulator, dz.T, rows, out_dtype=self.result_dtype, beta=float(accumulate), alpha=alpha,
+                        out=accumulator)
         else:
-            torch.addmm(accumulator, dz.T, rows.to(self.input_dtype), out=accumulator)
+            torch.addmm(accumulator, dz.T, rows, beta=float(accumulate), alpha=alpha, out=accumulator)
+
+
+def bytes_per_token(vocab_size: int, dim: int, paired: bool, itemsize: int, half_dz: bool,
+                    epilogue_bytes_per_token: int) -> int:
+    """Workspace bytes per token: the logits, the epilogue's temporaries, the chunk's hidden rows and their
+    gradient rows, and a half-precision dZ when there is one."""
+    passes = 2 if paired else 1
+    per_token = passes * vocab_size * itemsize + epilogue_bytes_per_token + 2 * passes * dim * itemsize
+    return per_token + (passes * vocab_size * 2 if half_dz else 0)
 
 
 def rows_per_chunk(n: int, vocab_size: int, dim: int, paired: bool, itemsize: int, half_dz: bool,
                    epilogue_bytes_per_token: int, workspace_bytes: int) -> int:
     """Tokens per chunk: the fewest chunks whose workspace fits ``workspace_bytes``, split evenly (at least 1)."""
-    passes = 2 if paired else 1
-    # the logits, the epilogue's temporaries, the chunk's hidden rows and their gradient rows
-    per_token = passes * vocab_size * itemsize + epilogue_bytes_per_token + 2 * passes * dim * itemsize
-    if half_dz:
-        per_token += passes * vocab_size * 2
+    per_token = bytes_per_token(vocab_size, dim, paired, itemsize, half_dz, epilogue_bytes_per_token)
     most = max(1, min(n, workspace_bytes // per_token))
     chunks = -(-n // most)
     return -(-n // chunks) if n else most
+
+
+def dz_scale(upstream: UpstreamGradients) -> float:
+    """A power of two 2^k that brings the largest upstream gradient of the chunk into (1/2, 1] (1 when they are all
+    zero or not finite); k is bounded so that 2^k and 2^-k are normal float32 numbers. One host sync."""
+    largest = float(torch.stack([g.detach().abs().max() for g in upstream if g is not None and g.numel()]).max())
+    if not math.isfinite(largest) or largest == 0.0:
+        return 1.0
+    exponent = -math.ceil(math.log2(largest))
+    return 2.0 ** max(-SCALE_EXPONENT_LIMIT, min(SCALE_EXPONENT_LIMIT, exponent))
+
+
+def scaled(upstream: UpstreamGradients, scale: float) -> UpstreamGradients:
+    return UpstreamGradients(*(None if g is None else g * scale for g in upstream))
 
 
 def _detached_statistics(row_stats: RowStatistics, wants_grad: bool) -> Statistics:
@@ -137,26 +187,35 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
     paired = hidden_masked is not None
     needs_hidden, needs_hidden_masked, needs_weight, needs_bias = needs_grad
     wants_grad = any(needs_grad)
-    products = MatrixProducts(weight)
+    device = hidden.device
+    grad_weight_kernel = resolve_grad_weight_kernel(device, weight.dtype, vocab_size, dim) if needs_weight \
+        else "addmm"
+    products = MatrixProducts(weight, grad_weight_kernel)
     result_dtype = products.result_dtype
     itemsize = torch.finfo(result_dtype).bits // 8
-    half_dz = wants_grad and products.native_half
-    chunk = rows_per_chunk(n, vocab_size, dim, paired, itemsize, half_dz,
-                           epilogue.workspace_bytes_per_token(vocab_size, paired, itemsize), options.workspace_bytes)
+    dz_dtype = options.dz_dtype or (weight.dtype if products.native_half else None)
+    half_dz = wants_grad and dz_dtype is not None
+    epilogue_bytes = epilogue.workspace_bytes_per_token(vocab_size, paired, itemsize)
+    workspace_bytes = resolve_workspace_bytes(
+        options.workspace_bytes, device, grad_weight_kernel,
+        bytes_per_token(vocab_size, dim, paired, itemsize, half_dz, epilogue_bytes))
+    chunk = rows_per_chunk(n, vocab_size, dim, paired, itemsize, half_dz, epilogue_bytes, workspace_bytes)
     passes = 2 if paired else 1
-    device = hidden.device
     logits_buffer = torch.empty(passes * chunk, vocab_size, dtype=result_dtype, device=device)
-    dz_buffer = torch.empty(passes * chunk, vocab_size, dtype=weight.dtype, device=device) if half_dz else None
+    dz_buffer = torch.empty(passes * chunk, vocab_size, dtype=dz_dtype, device=device) if half_dz else None
+    scale_dz = dz_buffer is not None and dz_buffer.dtype == torch.float16
     grad_rows_buffer = torch.empty(passes * chunk, dim, dtype=hidden.dtype, device=device)
 
     # The hidden gradients are made at the first chunk that sends gradient to their pass: a pass whose
-    # statistics the loss does not use gets None, as autograd would give it.
+    # statistics the loss does not use gets None, as autograd would give it. The first chunk with a weight
+    # gradient writes the accumulator, the later ones add to it.
     grad_hidden = grad_hidden_masked = None
     weight_is_result = weight.dtype == result_dtype
-    grad_weight = torch.zeros(weight.shape, dtype=result_dtype, device=device) if needs_weight else None
+    grad_weight = torch.empty(weight.shape, dtype=result_dtype, device=device) if needs_weight else None
+    grad_weight_written = False
     grad_bias = torch.zeros(vocab_size, dtype=result_dtype, device=device) if needs_bias else None
 
-    loss = torch.zeros((), dtype=result_dtype, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     chunk_terms = []
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
@@ -169,8 +228,11 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
         chunk_terms.append(terms)
         if upstream is None or not (upstream.clean or upstream.masked):
             continue
+        # dz is linear in the upstream gradients: a float16 dz is made from scaled ones, the products unscale
+        scale = dz_scale(upstream) if scale_dz else 1.0
         dz = logits if dz_buffer is None else dz_buffer[:passes * count]
-        epilogue.logit_gradient(logits, tokens[rows], bias, options.temperature, row_stats, upstream, dz)
+        epilogue.logit_gradient(logits, tokens[rows], bias, options.temperature, row_stats,
+                                scaled(upstream, scale) if scale != 1.0 else upstream, dz)
         # Rows of a pass without gradient are skipped: [clean rows | masked rows] of dz and chunk_rows.
         first = 0 if upstream.clean else count
         last = passes * count if paired and upstream.masked else count
@@ -179,7 +241,7 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
         grad_last = passes * count if needs_hidden_masked and upstream.masked else count
         if grad_first < grad_last:
             grad_rows = grad_rows_buffer[:grad_last - grad_first]
-            products.grad_rows(dz[grad_first:grad_last], out=grad_rows)
+            products.grad_rows(dz[grad_first:grad_last], out=grad_rows, alpha=1.0 / scale)
             if grad_first == 0:
                 grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else grad_hidden
                 grad_hidden[rows] = grad_rows[:count]
@@ -188,9 +250,11 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
                     else grad_hidden_masked
                 grad_hidden_masked[rows] = grad_rows[-count:]
         if needs_weight:
-            products.accumulate_grad_weight(grad_weight, dz[first:last], chunk_rows[first:last])
+            products.accumulate_grad_weight(grad_weight, dz[first:last], chunk_rows[first:last], alpha=1.0 / scale,
+                                            accumulate=grad_weight_written)
+            grad_weight_written = True
         if needs_bias:
-            grad_bias += dz[first:last].sum(0, dtype=result_dtype)
+            grad_bias.add_(dz[first:last].sum(0, dtype=result_dtype), alpha=1.0 / scale)
 
     if not chunk_terms:  # no tokens: the (empty) terms of an empty chunk, and zero gradients as autograd gives
         empty = hidden.new_empty(0, dtype=result_dtype)
@@ -202,8 +266,10 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
         if upstream is not None and needs_hidden_masked and upstream.masked:
             grad_hidden_masked = torch.zeros_like(hidden_masked)
     terms = Terms(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunk_terms)))
+    if grad_weight is not None and not grad_weight_written:
+        grad_weight.zero_()
     if grad_weight is not None and not weight_is_result:
         grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
-    return FastPathResult(loss, terms, grad_hidden, grad_hidden_masked, grad_weight, grad_bias)
+    return FastPathResult(loss.to(result_dtype), terms, grad_hidden, grad_hidden_masked, grad_weight, grad_bias)

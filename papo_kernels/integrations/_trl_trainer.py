@@ -10,25 +10,40 @@ What changes against GRPOTrainer, and why:
 - log-probs (``_get_per_token_logps_and_entropies``, used by TRL for the old and reference
   policies): final hidden states through the model's forward, then
   ``papo_kernels.linear_logprobs``, so they are the float32 numbers the loss computes.
+- the LM head (``_head``): read after the model's forward with ``hidden_states.gathered_head``,
+  which under DeepSpeed ZeRO-3 gathers the partitioned head; for the loss the gather is held
+  until ``training_step``'s backward (and DeepSpeed's step inside it) has run, for the
+  gradient-free log-probs it ends with them. TRL's generation gathers every parameter and
+  releases them before any of these passes, so the gathers never overlap.
 - loss (``_compute_loss``): one forward of the wrapped model over the clean and the masked
-  sequences (DDP and FSDP see it), then ``papo_loss`` on the hidden states and the head's
-  weight, with TRL's normalisation over processes, gradient accumulation and generation
-  steps. TRL's per-token weights (vLLM importance sampling, top-entropy and off-policy
-  masks) multiply the policy-gradient term, as in TRL.
+  sequences (DDP and FSDP see it), or with ``masked_forward="sequential"`` one pass after
+  the other, each with its own backward (``_sequential_loss``); then ``papo_loss`` on the
+  hidden states and the head's weight, with TRL's normalisation over processes, gradient
+  accumulation and generation steps. TRL's per-token weights (vLLM importance sampling,
+  top-entropy and off-policy masks) multiply the policy-gradient term, as in TRL.
 - metrics: TRL's names (``kl``, ``entropy``, ``clip_ratio/*_mean``) plus ``papo/*``, token
   means over all processes.
+- checkpoints: TRL's, plus the mask counter (``papo_state.json``), so a resumed run draws the
+  uninterrupted run's masks; weights saved under legacy names load on resume.
 """
 
+import json
+import warnings
+from contextlib import ExitStack, contextmanager
 from itertools import accumulate
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from torch import Tensor
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, _is_peft_model
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import GRPOTrainer, prepare_multimodal_messages
 
 from .. import linear_logprobs, papo_loss
-from ..hidden_states import completion_hidden_states, output_head
+from ..hidden_states import completion_hidden_states, gathered_head, output_head
 from ..masking import group_generator, mask_images_by_group, mask_pixel_values_by_group
 from ._trl_config import PAPOConfig
 
@@ -39,6 +54,7 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier
 QWEN_VL_IMAGE_PROCESSOR = ("merge_size", "patch_size", "image_mean", "image_std")
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 TRAIN, EVAL = 0, 1  # mask-seed keys of the two modes
+MASK_STATE_FILE = "papo_state.json"  # in each checkpoint, next to TRL's own trainer_state.json
 
 
 class PAPOTrainer(GRPOTrainer):
@@ -78,7 +94,11 @@ class PAPOTrainer(GRPOTrainer):
                                  "image); remove it")
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs)
         self._check_model_and_processor()
+        if self.args.masked_forward == "sequential" and self.is_deepspeed_enabled:
+            raise ValueError("PAPOConfig.masked_forward='sequential' runs two backwards per micro-batch, which "
+                             "DeepSpeed's engine counts as two steps; use masked_forward='joint' with DeepSpeed")
         self._mask_rounds = 0
+        self._heads_until_backward = ExitStack()  # ZeRO-3 gathers of the head that the loss's backward needs
 
     def _check_model_and_processor(self) -> None:
         image_processor = getattr(self.processing_class, "image_processor", None)
@@ -98,6 +118,46 @@ class PAPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError("model: the MoE load-balancing loss (router_aux_loss_coef) is not supported by "
                              "PAPOTrainer; set router_aux_loss_coef=0")
+
+    # Checkpoints: the mask counter, and the weights of models whose saved names differ from their own.
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """TRL's checkpoint, plus the mask counter (as TRL keeps its entropy controller's state)."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            (folder / MASK_STATE_FILE).write_text(json.dumps({"mask_rounds": self._mask_rounds}))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        """On resume, TRL's state and the mask counter, so the resumed run draws the uninterrupted run's masks."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = Path(checkpoint) / MASK_STATE_FILE
+        if path.is_file():
+            self._mask_rounds = json.loads(path.read_text())["mask_rounds"]
+        else:
+            warnings.warn(f"{checkpoint} has no {MASK_STATE_FILE} (it was not written by PAPOTrainer): the masks "
+                          "restart from the counter 0 and do not replay the interrupted run's", stacklevel=2)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The checkpoint's weights, also where ``save_pretrained`` wrote them under the model's legacy names.
+
+        transformers 5.25 saves Qwen2-VL's weights under their original names (``visual.*``,
+        ``model.embed_tokens``; ``save_original_format=True``), while ``Trainer`` resumes with a plain
+        ``load_state_dict`` that matches only ``lm_head`` and leaves every other tensor at its initial
+        value (huggingface/transformers#43701). Where the saved names are not the model's, the weights
+        load through the model's own ``from_pretrained``, which renames them, then every tensor is copied
+        (strictly: a missing one is an error).
+        """
+        target = self.accelerator.unwrap_model(self.model if model is None else model)
+        saved_names = _saved_weight_names(Path(resume_from_checkpoint))
+        if saved_names is None or self.is_fsdp_enabled or _is_peft_model(target) \
+                or saved_names <= set(target.state_dict()):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        saved = type(target).from_pretrained(resume_from_checkpoint, local_files_only=True)
+        target.load_state_dict(saved.state_dict())
 
     # Rollouts: TRL's, plus the masked image of each prompt.
 
@@ -175,42 +235,113 @@ class PAPOTrainer(GRPOTrainer):
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             chunk = _take_samples(inputs, num_images, start, min(start + batch_size, input_ids.size(0)))
-            hidden, weight, bias = self._hidden_and_head(model, chunk, logits_to_keep)
+            hidden = self._hidden_states(model, chunk, logits_to_keep)
             mask = chunk["attention_mask"][:, -logits_to_keep:] != 0
             tokens = chunk["input_ids"][:, -logits_to_keep:].where(mask, 0)
-            chunk_logps, chunk_entropy = linear_logprobs(hidden, weight, tokens, bias=bias,
-                                                         temperature=self.temperature, backend=self.args.backend)
+            with self._head(model) as (weight, bias):
+                chunk_logps, chunk_entropy = linear_logprobs(hidden.to(weight.dtype), weight, tokens, bias=bias,
+                                                             temperature=self.temperature, backend=self.args.backend)
             logps.append(chunk_logps.where(mask, 0.0))
             entropies.append(chunk_entropy.where(mask, 0.0))
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
-    def _hidden_and_head(self, model, inputs: Dict[str, Tensor], completion_length: int):
-        """Final hidden states at the completion positions, in the head's dtype, and the head's weight and bias."""
+    def _hidden_states(self, model, inputs: Dict[str, Tensor], completion_length: int) -> Tensor:
+        """Final hidden states at the completion positions, under the trainer's autocast."""
         with self.accelerator.autocast():
-            hidden = completion_hidden_states(model, inputs, completion_length)
-        weight, bias = output_head(model)
-        return hidden.to(weight.dtype), weight, bias
+            return completion_hidden_states(model, inputs, completion_length)
+
+    @contextmanager
+    def _head(self, model):
+        """``(weight, bias)`` of the model's LM head, opened after the forwards whose hidden states it meets.
+
+        Under DeepSpeed ZeRO-3 the head is gathered (``hidden_states.gathered_head``): where gradient is
+        recorded, until ``training_step``'s backward has run (the gradient accumulates into the full weight);
+        without gradient, until the block ends.
+        """
+        if torch.is_grad_enabled():
+            yield self._heads_until_backward.enter_context(gathered_head(model))
+        else:
+            with gathered_head(model) as head:
+                yield head
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        """TRL's step (generation when due, the loss, ``accelerator.backward``, under DeepSpeed its step), then the
+        head's ZeRO-3 gathers of the loss released."""
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._heads_until_backward.close()
 
     # The loss.
 
     def _compute_loss(self, model, inputs: dict) -> Tensor:
         if "tool_mask" in inputs:
             raise ValueError("PAPOTrainer does not support tool masks (multi-turn rollouts)")
-        training = self.model.training
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        forward_inputs = {
-            "input_ids": torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
-            "attention_mask": torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+        completion_length = inputs["completion_ids"].size(1)
+        clean = {
+            "input_ids": torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
             **{key: inputs[key] for key in MULTIMODAL_KEYS if inputs.get(key) is not None},
         }
-        masked_pixel_values = inputs.get("masked_pixel_values")
-        if masked_pixel_values is not None:
-            forward_inputs = _clean_then_masked(forward_inputs, torch.cat(masked_pixel_values))
-        hidden, weight, bias = self._hidden_and_head(model, forward_inputs, completion_ids.size(1))
         hidden_masked = None
-        if masked_pixel_values is not None:
-            hidden, hidden_masked = hidden.chunk(2)
+        if inputs.get("masked_pixel_values") is None:
+            hidden = self._hidden_states(model, clean, completion_length)
+        else:
+            masked = {**clean, "pixel_values": torch.cat(inputs["masked_pixel_values"])}
+            if self.args.masked_forward == "sequential" and torch.is_grad_enabled():
+                return self._sequential_loss(model, inputs, clean, masked)
+            if self.args.masked_forward == "sequential":  # no backward follows: two forwards, one batch each
+                hidden = self._hidden_states(model, clean, completion_length)
+                hidden_masked = self._hidden_states(model, masked, completion_length)
+            else:
+                hidden, hidden_masked = self._hidden_states(model, _clean_then_masked(clean, masked),
+                                                            completion_length).chunk(2)
+        with self._head(model) as (weight, bias):
+            return self._loss_from_hidden_states(inputs, hidden.to(weight.dtype),
+                                                 None if hidden_masked is None else hidden_masked.to(weight.dtype),
+                                                 weight, bias)
 
+    def _sequential_loss(self, model, inputs: dict, clean: Dict[str, Tensor], masked: Dict[str, Tensor]) -> Tensor:
+        """The joint loss and gradients, holding one pass's activations at a time (``masked_forward="sequential"``).
+
+        1. The masked pass without gradient: its hidden states H~.
+        2. The clean pass, the loss of (its hidden states, H~ and the head as leaves), and its backward, under
+           ``no_sync``: the clean pass's gradients accumulate locally, and the loss's gradients G~ on H~ and G_W
+           on the head are kept.
+        3. The masked pass again (with the random draws of step 1, so dropout masks match), and the surrogate
+           ``loss + <H~, G~> + <W, G_W> - (their value)`` returned: its value is the loss, and the trainer's
+           own backward of it adds the masked pass's and the head's gradients, where DDP all-reduces everything
+           accumulated, once.
+        """
+        completion_length = inputs["completion_ids"].size(1)
+        device = inputs["completion_ids"].device
+        masked_draws = _rng_states(device)
+        with torch.no_grad():
+            hidden_masked = self._hidden_states(model, masked, completion_length)
+        with self.accelerator.no_sync(model):
+            hidden = self._hidden_states(model, clean, completion_length)
+            weight, bias = output_head(model)  # never a ZeRO-3 head: __init__ refuses sequential under DeepSpeed
+            hidden, hidden_masked = hidden.to(weight.dtype), hidden_masked.to(weight.dtype)
+            leaves = {"hidden_masked": hidden_masked.detach().requires_grad_(),
+                      "weight": weight.detach().requires_grad_(),
+                      "bias": None if bias is None else bias.detach().requires_grad_()}
+            loss = self._loss_from_hidden_states(inputs, hidden, leaves["hidden_masked"], leaves["weight"],
+                                                 leaves["bias"])
+            loss.backward()
+        clean_draws = _rng_states(device)
+        _set_rng_states(device, masked_draws)
+        hidden_masked_again = self._hidden_states(model, masked, completion_length).to(weight.dtype)
+        _set_rng_states(device, clean_draws)
+        handed_on = sum((value * _grad_or_zeros(leaves[name])).sum()
+                        for name, value in (("hidden_masked", hidden_masked_again), ("weight", weight), ("bias", bias))
+                        if value is not None)
+        return loss.detach() + (handed_on - handed_on.detach())
+
+    def _loss_from_hidden_states(self, inputs: dict, hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor,
+                                 bias: Optional[Tensor]) -> Tensor:
+        """``papo_loss`` with TRL's normalisation, and its metrics logged."""
+        training = self.model.training
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         scale = self.args.coefficient_scale(self.state.global_step, self.state.max_steps)
         coefficients = {name: getattr(self.args, name) * scale for name in ("gamma", "eta_clean", "eta_masked")}
         num_items_in_batch = None
@@ -282,6 +413,16 @@ class PAPOTrainer(GRPOTrainer):
             logged[f"papo/{name}"].append(value)
 
 
+def _saved_weight_names(folder: Path) -> Optional[set]:
+    """The tensor names of a checkpoint's safetensors weights (one file or an index of shards), or None without."""
+    if (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        return set(json.loads((folder / SAFE_WEIGHTS_INDEX_NAME).read_text())["weight_map"])
+    if (folder / SAFE_WEIGHTS_NAME).is_file():
+        with safe_open(folder / SAFE_WEIGHTS_NAME, "pt") as weights:
+            return set(weights.keys())
+    return None
+
+
 def _spans(counts: List[int]) -> List[Tuple[int, int]]:
     """``[(start, end)]`` of consecutive blocks of ``counts`` items."""
     ends = list(accumulate(counts))
@@ -327,8 +468,22 @@ def _take_samples(inputs: Dict[str, Optional[Tensor]], num_images: Optional[List
     return taken
 
 
-def _clean_then_masked(inputs: Dict[str, Tensor], masked_pixel_values: Tensor) -> Dict[str, Tensor]:
+def _clean_then_masked(clean: Dict[str, Tensor], masked: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """One batch of 2B sequences: the B clean ones, then the same B on their masked images."""
-    doubled = {key: torch.cat([value, value]) for key, value in inputs.items() if key != "pixel_values"}
-    doubled["pixel_values"] = torch.cat([inputs["pixel_values"], masked_pixel_values])
-    return doubled
+    return {key: torch.cat([clean[key], masked[key]]) for key in clean}
+
+
+def _rng_states(device: torch.device) -> Tuple[Tensor, Optional[Tensor]]:
+    """The random states a forward on ``device`` draws from (the CPU's, and the CUDA device's)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_states(device: torch.device, states: Tuple[Tensor, Optional[Tensor]]) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def _grad_or_zeros(leaf: Tensor) -> Tensor:
+    """A leaf's gradient; zeros where the loss did not use it (the backward must still reach every parameter)."""
+    return torch.zeros_like(leaf) if leaf.grad is None else leaf.grad

@@ -9,9 +9,16 @@ Everything in it is tensors and plain Python values, so it loads with ``weights_
 loading runs no code from the file, and damaged bytes cannot make the unpickler reserve
 memory for a huge memo index (the full unpickler does: one randomly damaged checkpoint
 grew to 22 GB before the kernel killed the process).
+
+Its bytes are verified before it is read: ``torch.save`` writes a zip archive that records
+a CRC-32 of every member, and ``torch.load`` checks none of them (a flipped byte inside a
+tensor loads as another number). ``load_checkpoint`` reads every member against its CRC
+first, so a damaged checkpoint is an error naming the file before any work, and is never
+trained on (nor overwritten at the next save by one that looks sound).
 """
 
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -63,24 +70,43 @@ def save_checkpoint(output_dir, *, model_state: Dict[str, torch.Tensor], optimiz
     return write_atomically(Path(output_dir) / CHECKPOINT_NAME, lambda handle: torch.save(payload, handle))
 
 
+def _damage(path: Path) -> Optional[str]:
+    """Why the zip archive ``path`` is damaged (not a zip archive, a member whose bytes fail its CRC-32 or cannot be
+    read), or None when every member reads back as written."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member and checks its CRC-32
+    except zipfile.BadZipFile as error:  # also the CRC error of a member testzip reads in one piece
+        return f"not a whole zip archive: {error}"
+    except (OSError, EOFError, ValueError, NotImplementedError) as error:
+        return f"its members cannot be read: {type(error).__name__}: {error}"
+    if bad is not None:
+        return f"the bytes of its member {bad} fail their CRC-32"
+    return None
+
+
 def load_checkpoint(output_dir) -> Dict[str, Any]:
     """The payload of ``output_dir/checkpoint.pt``; ``TrainerInputError`` naming the file when there is none
-    or it cannot be read as a checkpoint."""
+    or it cannot be read as a checkpoint (its bytes fail their CRCs, or it is not a papo-train checkpoint). The
+    CRCs are read each time (a resume reads the file twice: for its config, then for the state)."""
     path = Path(output_dir) / CHECKPOINT_NAME
     if path.exists() and not path.is_file():
         raise TrainerInputError(f"--resume: {path} is not a regular file, so it holds no checkpoint")
     if not path.is_file():
         raise TrainerInputError(f"--resume: no checkpoint at {path}; train without --resume first")
+    unreadable = f"--resume: {path} cannot be read as a checkpoint: damaged, truncated or not written by papo-train"
+    damage = _damage(path)
+    if damage is not None:
+        raise TrainerInputError(f"{unreadable} ({damage})")
     # mmap reads tensors only when used, so reading just the config stays cheap.
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    # A damaged file raises many types: torch's zip reader RuntimeError, the unpickler of damaged bytes
-    # UnpicklingError, UnicodeDecodeError, KeyError, ValueError, EOFError (seen over random damage).
+    # A file whose CRCs hold can still be no checkpoint: torch's zip reader raises RuntimeError, the unpickler of
+    # other bytes UnpicklingError, UnicodeDecodeError, KeyError, ValueError, EOFError (seen over random damage).
     except Exception as error:  # noqa: BLE001 (reported with its type, the cause kept)
         # The first sentence: torch adds a paragraph of advice to its reader's errors.
         reason = " ".join(str(error).split(". ")[0].split())
-        raise TrainerInputError(f"--resume: {path} cannot be read as a checkpoint: damaged, truncated or not "
-                                f"written by papo-train ({type(error).__name__}: {reason})") from error
+        raise TrainerInputError(f"{unreadable} ({type(error).__name__}: {reason})") from error
     missing = [key for key in PAYLOAD_KEYS if key not in payload] if isinstance(payload, dict) else PAYLOAD_KEYS
     if missing:
         raise TrainerInputError(f"--resume: {path} is not a papo-train checkpoint of this version: it lacks "

@@ -6,7 +6,9 @@ fields ``gamma``, ``beta``, ``eta_clean``, ``eta_masked``, ``epsilon_low``,
 ``epsilon_high`` and ``perception_kl`` override it where set.
 
 ``validate`` accepts Python and NumPy numbers alike (a NumPy scalar is replaced by the
-Python number it holds) and refuses NaN and infinity in every numeric field.
+Python number it holds) and refuses NaN and infinity in every numeric field, an int
+beyond float's range in a number field, and an integer field beyond int64 (torch's
+integers).
 """
 
 import dataclasses
@@ -20,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import yaml
 
+from .._checks import shown
 from ..loss import PERCEPTION_KL_ESTIMATORS, PRESETS
 from .data import SYNTHETIC_TASKS
 from .errors import TrainerInputError
@@ -53,6 +56,8 @@ ENTROPY_MODES = ("exact", "sampled")
 LOSS_OVERRIDES = ("gamma", "beta", "eta_clean", "eta_masked", "epsilon_low", "epsilon_high", "perception_kl")
 MIN_IMAGE_SIZE = 28  # Qwen2-VL's smallest image: one 2 x 2 block of 14-pixel vision patches
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes no larger one
+MAX_INTEGER = 2**63 - 1  # int64, torch's integers
+DEFAULT_TASKS = ["color"]
 
 
 @dataclass
@@ -70,7 +75,7 @@ class TrainerConfig:
     # folder, null takes the folder's, and a value must match it.
     model_type: Optional[str] = None
     data: Optional[str] = None
-    tasks: List[str] = field(default_factory=lambda: ["color"])  # synthetic tasks, when data is None
+    tasks: List[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # synthetic tasks, when data is None
     image_size: int = 56  # synthetic images are image_size x image_size pixels
     # Precision, attention and memory (model_options.py). torch_dtype: the weights, their gradients and AdamW's
     # state; mixed_precision: accelerate's autocast over float32 weights ('no', 'bf16', 'fp16' on CUDA).
@@ -145,7 +150,7 @@ class TrainerConfig:
         """Raise ``TrainerInputError`` naming the first field whose value is not allowed; NumPy scalars are
         replaced by the Python values they hold first."""
         def fail(name: str, allowed: str) -> None:
-            raise TrainerInputError(f"config field {name!r}: got {getattr(self, name)!r}, expected {allowed}")
+            raise TrainerInputError(f"config field {name!r}: got {shown(getattr(self, name))}, expected {allowed}")
 
         for config_field in dataclasses.fields(self):
             if isinstance(getattr(self, config_field.name), np.generic):
@@ -155,12 +160,14 @@ class TrainerConfig:
         for name in ("steps", "num_threads", "prompts_per_step", "group_size", "max_new_tokens", "image_size",
                      "mask_cell", "ppo_epochs", "minibatches", "micro_batch_size", "eval_prompts"):
             value = getattr(self, name)
-            if not _is_integer(value) or value < 1:
-                fail(name, "a positive integer")
-        for name in ("seed", "eval_every", "save_every"):
+            if not _is_integer(value) or not 1 <= value <= MAX_INTEGER:
+                fail(name, "a positive integer up to 2**63 - 1")
+        for name in ("eval_every", "save_every"):
             value = getattr(self, name)
-            if not _is_integer(value) or value < 0:
-                fail(name, "an integer >= 0")
+            if not _is_integer(value) or not 0 <= value <= MAX_INTEGER:
+                fail(name, "an integer in [0, 2**63 - 1]")
+        if not _is_integer(self.seed) or self.seed < 0:
+            fail("seed", "an integer >= 0")
         if self.seed > MAX_SEED:
             fail("seed", "an integer in [0, 2**64 - 1] (torch's seed range)")
         if self.group_size < 2:
@@ -187,6 +194,9 @@ class TrainerConfig:
             fail("perception_kl", f"null or one of {list(PERCEPTION_KL_ESTIMATORS)}")
         if not isinstance(self.tasks, list) or not self.tasks or any(t not in SYNTHETIC_TASKS for t in self.tasks):
             fail("tasks", f"a non-empty list of {list(SYNTHETIC_TASKS)}")
+        if self.data is not None and self.tasks != DEFAULT_TASKS:
+            fail("tasks", f"the default {DEFAULT_TASKS} with data (the synthetic tasks are not drawn when data is "
+                 "given); give data or tasks, not both")
         for name in ("temperature", "learning_rate", "max_grad_norm"):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 fail(name, "a finite number > 0")
@@ -262,8 +272,13 @@ def _is_integer(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    """A finite real number that is not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number that is not a bool (an int beyond float's range is not finite)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

@@ -24,6 +24,7 @@ check. The synthetic tasks draw coloured squares on a black background:
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -195,8 +196,24 @@ class SyntheticShapes:
         return [synthetic_example(rng.choice(self.tasks), rng, self.image_size) for _ in range(size)]
 
 
+# Qwen-VL's control tokens (<|image_pad|>, <|vision_start|>, <|im_end|>, ...) as text: the processor reads them as the
+# tokens themselves, so a question holding <|image_pad|> asks for image features that no image provides.
+CONTROL_TOKEN_TEXT = re.compile(r"<\|[^|<>\s]+\|>")
+
+
+def _special_token_error(where: str, field: str, token: str) -> TrainerInputError:
+    return TrainerInputError(f"--data: {where}: field {field!r} holds the special-token text {token!r}, which the "
+                             "processor would read as that control token (an image placeholder, a turn marker), not "
+                             "as words; remove it from the data (the processor adds the image's own tokens)")
+
+
 class JsonlDataset:
     """Prompts from a JSONL file, one object per line: ``{"image": path, "question": str, "answer": str}``.
+
+    A question or answer that holds control-token text (Qwen-VL's ``<|...|>`` form, such as
+    ``<|image_pad|>``, which Qwen-formatted data sets carry) is refused when the file is read,
+    naming the line; ``check_special_tokens`` refuses the tokenizer's own special tokens the
+    same way once the tokenizer exists, before any training.
 
     Relative image paths are resolved against the JSONL file's folder. Every image is
     opened when the file loads (its header, which names a known image format and the size),
@@ -248,6 +265,10 @@ class JsonlDataset:
             if not isinstance(record[field], str) or not record[field].strip():
                 raise TrainerInputError(f"--data: {where}: field {field!r} must be a non-empty string, "
                                         f"got {record[field]!r}")
+        for field in ("question", "answer"):
+            found = CONTROL_TOKEN_TEXT.search(record[field])
+            if found:
+                raise _special_token_error(where, field, found.group())
         image_path = Path(record["image"])
         if not image_path.is_absolute():
             image_path = self.path.parent / image_path
@@ -267,6 +288,15 @@ class JsonlDataset:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def check_special_tokens(self, special_tokens: Sequence[str]) -> None:
+        """Refuse a question or answer that holds the text of one of the tokenizer's ``special_tokens``."""
+        special_tokens = [token for token in special_tokens if token]
+        for record in self.records:
+            for field in ("question", "answer"):
+                found = next((token for token in special_tokens if token in record[field]), None)
+                if found is not None:
+                    raise _special_token_error(f"{self.path}, line {record['line']}", field, found)
 
     def words(self) -> List[str]:
         """Every whitespace-separated word of the questions and answers (a word-level tokenizer's vocabulary)."""

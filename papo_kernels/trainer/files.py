@@ -4,15 +4,17 @@ A file is written beside its final name (``.NAME.<random>.tmp``), flushed to dis
 renamed over ``NAME`` (``os.replace`` is atomic on POSIX), so a kill at any moment leaves
 either the old file or the new one, never half of one. A kill between creating the
 temporary file and the rename leaves that temporary file behind: ``remove_orphans``
-deletes such files when the next run starts.
+deletes such files when the next run starts. A write that fails (a full disk, a file size
+limit) removes its temporary file and is a ``TrainerOutputError`` naming the file and the
+error number; the file is left as it was.
 """
 
 import os
 import secrets
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, List, Tuple
+from typing import BinaryIO, Callable, Iterable, List, Optional, Tuple
 
-from .errors import TrainerInputError
+from .errors import TrainerInputError, TrainerOutputError
 
 PROBE_NAME = "write-probe"  # the empty file that proves the output directory writable
 
@@ -24,19 +26,42 @@ def _create_temporary(directory: Path, name: str) -> Tuple[Path, int]:
     return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
 
 
+def os_error(error: BaseException) -> Optional[OSError]:
+    """The OSError behind ``error``: itself, or one in the chain of exceptions it was raised from or while handling
+    (``torch.save`` reports a failed write of its file as a RuntimeError raised while handling the OSError)."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def failed_write(path: Path, error: OSError, kept: str) -> TrainerOutputError:
+    """The one-line error of a write of ``path`` that failed with ``error``; ``kept`` says what is left."""
+    return TrainerOutputError(f"cannot write {path} ([Errno {error.errno}] {error.strerror}); {kept}", error.errno)
+
+
 def write_atomically(path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` with ``write(handle)`` (a binary file): beside it, fsync, then ``os.replace``."""
+    """Write ``path`` with ``write(handle)`` (a binary file): beside it, fsync, then ``os.replace``.
+
+    A failed write (an OSError, or an error raised while handling one) is a ``TrainerOutputError`` naming
+    ``path`` and the error number; ``path`` is left as it was."""
     path = Path(path)
-    temporary, descriptor = _create_temporary(path.parent, path.name)
+    temporary = None
     try:
+        temporary, descriptor = _create_temporary(path.parent, path.name)
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    except BaseException as error:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        cause = os_error(error) if isinstance(error, Exception) else None
+        if cause is None or isinstance(error, TrainerOutputError):
+            raise
+        raise failed_write(path, cause, "the file was left as it was") from error
     return path
 
 

@@ -26,15 +26,15 @@ Loaded = TypeVar("Loaded")
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     """``Qwen2VLProcessor`` for images only (it also serves Qwen2.5-VL, whose image tokens are the same).
 
-    The stock class checks its video processor against a class that needs torchvision
-    (which would pull a CUDA build of torch); this one has no video processor and skips
-    only that check.
+    The stock class needs a video processor, whose class needs torchvision (which would pull a CUDA
+    build of torch); this one has an image processor and a tokenizer only, so ``save_pretrained`` and
+    ``from_pretrained`` (transformers' own) write and read just those two and the chat template.
     """
 
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
+        # Qwen2VLProcessor hands ProcessorMixin (image_processor, tokenizer, video_processor=None); ProcessorMixin pairs
+        # them with get_attributes(), the processors named in this signature, so the None has no attribute to fill.
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
 
 def _chat_template(path: Path, tokenizer) -> str:
@@ -122,7 +122,7 @@ def load_local_model(path, dtype: torch.dtype = torch.float32, attn_implementati
                            lambda: AutoTokenizer.from_pretrained(path, padding_side="left", local_files_only=True))
     image_processor = _load_part("image processor (preprocessor_config.json)", path,
                                  lambda: AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True))
-    processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+    processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                           chat_template=_chat_template(path, tokenizer))
     _check_image_token(path, processor, config.image_token_id)
     return _load_weights(path, dtype, attn_implementation), processor

@@ -44,6 +44,7 @@ from .data import JsonlDataset, SyntheticShapes, synthetic_words
 from .errors import TrainerInputError
 from .files import prepare_output_dir, remove_orphans
 from .local_model import load_local_model
+from .lock import OutputDirectoryLock
 from .metrics_log import METRICS_NAME, MetricsLog, read_metrics
 from .model_options import (TORCH_DTYPES, check_mixed_precision, enable_gradient_checkpointing,
                             resolve_attn_implementation)
@@ -73,7 +74,8 @@ class Trainer:
     Everything the user gives (config, output directory, checkpoint and resume request, data)
     is checked before the model is built; a problem is a ``TrainerInputError`` naming it. A new
     run (no ``resume``) is refused where an earlier run left a checkpoint, unless
-    ``overwrite_output_dir`` deletes it.
+    ``overwrite_output_dir`` deletes it. The output directory is this run's alone from the
+    constructor to the end of ``train()``, or to ``close()`` (``lock.py``): another run there is refused.
     """
 
     def __init__(self, config: TrainerConfig, resume: bool = False, accelerator: Optional[Accelerator] = None,
@@ -101,8 +103,22 @@ class Trainer:
                                     f"responses per process ({self.local_prompts * config.group_size})")
         self.loss_kwargs = config.loss_kwargs()
         prepare_output_dir(config.output_dir, (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME))
+        # One writer per output directory, from here to the end of train() (or of a failed set-up).
+        self.output_lock = OutputDirectoryLock(config.output_dir)
         if self.accelerator.is_main_process:
-            remove_orphans(config.output_dir, (CHECKPOINT_NAME, METRICS_NAME))
+            self.output_lock.acquire()
+        try:
+            self._set_up(resume, overwrite_output_dir)
+        except BaseException:
+            self.output_lock.release()
+            raise
+
+    def _set_up(self, resume: bool, overwrite_output_dir: bool) -> None:
+        """The rest of ``__init__``, in an output directory this run holds: its files, the data, the model, the
+        optimizer and the checkpoint's state."""
+        config, world = self.config, self.accelerator.num_processes
+        if self.accelerator.is_main_process:
+            remove_orphans(config.output_dir, (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME))
         checkpoint = None
         self.start_step = 0
         checkpoint_path = Path(config.output_dir) / CHECKPOINT_NAME
@@ -139,6 +155,8 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
 
+        if config.data is not None:
+            self.dataset.check_special_tokens(self.processor.tokenizer.all_special_tokens)
         self.tokenizer_vocabulary = self.processor.tokenizer.get_vocab()
         if checkpoint is not None:
             check_vocabulary(checkpoint["vocabulary"], self.tokenizer_vocabulary)
@@ -381,6 +399,7 @@ class Trainer:
         skipped = global_tokens == 0 or (config.skip_uninformative_steps and global_signal == 0)
 
         update_start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the rate of this step's updates, before the schedule moves on
         update_metrics = {} if skipped else self.update(rollout, advantages, step)
         self.scheduler.step()
         update_time = time.perf_counter() - update_start
@@ -391,7 +410,7 @@ class Trainer:
         generated_tokens = float(accelerator.reduce(response_length.sum(), "sum"))
         step_time = time.perf_counter() - start
         record = {"step": step, "reward": reward, "accuracy": acc, "format": fmt, "response_length": length,
-                  "kept_groups": kept_fraction, "skipped": int(skipped), "lr": self.scheduler.get_last_lr()[0],
+                  "kept_groups": kept_fraction, "skipped": int(skipped), "lr": lr,
                   "gamma": self.step_loss_kwargs(step)["gamma"]}
         if update_metrics:
             names = list(update_metrics)
@@ -442,7 +461,18 @@ class Trainer:
     # The run.
 
     def train(self) -> List[Dict[str, float]]:
-        """Run the remaining steps; write metrics, checkpoints and the plot; return this run's step records."""
+        """Run the remaining steps; write metrics, checkpoints and the plot; return this run's step records. The
+        output directory's lock is released at the end, however the run ends."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Give the output directory back (``train()`` does at its end): another run may write there after it."""
+        self.output_lock.release()
+
+    def _train(self) -> List[Dict[str, float]]:
         config, accelerator = self.config, self.accelerator
         is_main = accelerator.is_main_process
         if is_main:

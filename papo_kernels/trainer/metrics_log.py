@@ -3,8 +3,11 @@
 Each record is appended with one write of its whole line, so a kill leaves at worst the
 last line incomplete (no newline, not valid JSON). Reading drops such a line with a
 warning; any other line that is not a step record is an error naming the file and line.
-On resume the file is rewritten atomically with the records of the steps before the
-checkpoint's next step.
+A write that fails or writes less than the whole line (a full disk, a file size limit) is
+a ``TrainerOutputError`` naming the file at once, so the run never goes on with records
+missing. On resume the records of the steps before the checkpoint's next step k must be
+exactly those of steps 0 to k-1, in order, once each (a file that lost, repeated or
+reordered records is an error naming it); the file is rewritten atomically with them.
 """
 
 import json
@@ -12,8 +15,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .errors import TrainerInputError, TrainerWarning
-from .files import write_atomically
+from .errors import TrainerInputError, TrainerOutputError, TrainerWarning
+from .files import failed_write, write_atomically
+
+SHOWN_STEPS = 8  # step numbers named in an error
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -55,13 +60,30 @@ class MetricsLog:
         self.path = Path(output_dir) / METRICS_NAME
         self.kept = [record for record in read_metrics(output_dir) if record["step"] < first_step] \
             if first_step > 0 else []
+        steps = [record["step"] for record in self.kept]
+        if steps != list(range(first_step)):
+            shown = steps if len(steps) <= SHOWN_STEPS else steps[:SHOWN_STEPS // 2] + ["..."] + \
+                steps[-SHOWN_STEPS // 2:]
+            raise TrainerInputError(f"--resume: {self.path} must hold the records of steps 0-{first_step - 1} (the "
+                                    f"checkpoint's next step is {first_step}) in order, once each, got the steps "
+                                    f"{shown}: records were lost, repeated or reordered; restore the file or start "
+                                    "a new run")
 
     def start(self) -> None:
         write_atomically(self.path, lambda handle: handle.writelines(_encode(record) for record in self.kept))
 
     def write(self, record: Dict[str, Any]) -> None:
-        with open(self.path, "ab", buffering=0) as handle:  # unbuffered: the line goes out in one write
-            handle.write(_encode(record))
+        """Append ``record`` in one write; ``TrainerOutputError`` naming the file when that fails or is short."""
+        line = _encode(record)
+        try:
+            with open(self.path, "ab", buffering=0) as handle:  # unbuffered: the line goes out in one write
+                written = handle.write(line)
+        except OSError as error:
+            raise failed_write(self.path, error, f"step {record['step']}'s record is not in it") from None
+        if written != len(line):
+            raise TrainerOutputError(f"cannot write {self.path}: {written} of the {len(line)} bytes of step "
+                                     f"{record['step']}'s record were written (a full disk or a file size limit); "
+                                     "a resume drops the incomplete record")
 
 
 def _encode(record: Dict[str, Any]) -> bytes:

@@ -1,4 +1,4 @@
-"""The training curves: reward, accuracy, perception KL and both entropies against step."""
+"""The training curves: reward, accuracy, perception KL and both entropies against step, written atomically."""
 
 from pathlib import Path
 from typing import Any, Dict, List
@@ -7,6 +7,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from .files import write_atomically  # noqa: E402
 
 PLOT_NAME = "training_curves.png"
 SMOOTHING = 20
@@ -52,6 +54,8 @@ def plot_metrics(records: List[Dict[str, Any]], output_dir, title: str) -> Path:
     figure.suptitle(title)
     figure.tight_layout()
     path = Path(output_dir) / PLOT_NAME
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+    finally:
+        plt.close(figure)
     return path

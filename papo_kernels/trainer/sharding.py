@@ -22,8 +22,17 @@ What is left is here:
 - FSDP version 1 (accelerate's default ``fsdp_version``) is refused, and so is
   evaluation under FSDP, which runs on the main process only and cannot drive a
   sharded model.
+
+DeepSpeed is refused (FSDP2 shards the same way here; ``PAPOTrainer`` in
+``integrations.trl`` runs under ZeRO-3): its engine steps inside ``backward`` on a fixed
+accumulation count where a minibatch here has a varying number of micro-batches, clips by
+its own config, keeps the optimizer state partitioned where checkpoints hold full state
+by parameter name, and the main-process evaluation could not drive a ZeRO-3 model.
+accelerate's ``cpu=True``, which the trainer sets without a GPU, would drop DeepSpeed
+silently and train plain data parallel, so the launch's request is refused as well.
 """
 
+import os
 from contextlib import contextmanager
 from typing import Any, Dict, Tuple
 
@@ -45,7 +54,12 @@ LOCAL_STATE = StateDictOptions()  # each process's shards as they are, for the n
 
 
 def check_strategy(accelerator: Accelerator, config: TrainerConfig) -> None:
-    """Refuse what the trainer cannot do under the accelerator's FSDP setting, naming the setting."""
+    """Refuse what the trainer cannot do under the accelerator's FSDP setting, naming the setting, and DeepSpeed."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED \
+            or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise TrainerInputError("accelerate DeepSpeed: papo-train does not run under DeepSpeed; launch with "
+                                "--use_fsdp --fsdp_version 2 (sharded like ZeRO-3), or use PAPOTrainer "
+                                "(papo_kernels.integrations.trl), which runs under ZeRO-3")
     if accelerator.distributed_type != DistributedType.FSDP:
         return
     if not accelerator.is_fsdp2:

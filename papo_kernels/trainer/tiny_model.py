@@ -54,7 +54,7 @@ def build_processor(words: Sequence[str], image_size: int) -> ImageOnlyQwen2VLPr
     images as they are."""
     image_processor = Qwen2VLImageProcessorPil(min_pixels=image_size * image_size, max_pixels=image_size * image_size)
     return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=build_tokenizer(words),
-                                     video_processor=None, chat_template=CHAT_TEMPLATE)
+                                     chat_template=CHAT_TEMPLATE)
 
 
 TEXT_HIDDEN, TEXT_HEADS = 64, 4

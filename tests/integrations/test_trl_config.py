@@ -18,8 +18,12 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
-def test_defaults_are_papo_d_in_full():
-    assert PAPOConfig(**CPU) == PAPOConfig.from_preset("papo_d", **CPU)
+def test_defaults_are_papo_d_with_trls_reference_kl():
+    """Plain PAPOConfig: PAPO-D's loss setting, with TRL's default reference KL (the ratio times k3, where beta > 0);
+    the presets carry the paper's plain k3."""
+    assert PAPOConfig(**CPU).use_bias_correction_kl is GRPOConfig(**CPU).use_bias_correction_kl is True
+    assert PAPOConfig(**CPU) == PAPOConfig.from_preset("papo_d", use_bias_correction_kl=True, **CPU)
+    assert PAPOConfig.from_preset("papo_d", **CPU).use_bias_correction_kl is False
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -30,15 +34,22 @@ def test_presets_set_every_setting_under_trls_names(name):
                                                                    preset["dual_clip"])
     for field in ("beta", "gamma", "eta_clean", "eta_masked", "perception_kl", "loss_type"):
         assert getattr(config, field) == preset[field], field
+    assert config.use_bias_correction_kl is False, "the paper's reference KL is the plain k3"
+    assert config.papo_loss_options()["ref_kl_importance_weighted"] is False
     assert config.uses_masked_image == (preset["gamma"] != 0 or preset["eta_clean"] != 0 or preset["eta_masked"] != 0)
     assert PAPOConfig.from_preset(name, beta=0.5, **CPU).beta == 0.5, "overrides win"
 
 
 def test_a_grpo_config_differs_where_papo_sets_the_paper_value():
-    """What a user switching from GRPOConfig gets unless they set it: PAPO-D's clip range and dual clip."""
+    """What a user switching from GRPOConfig gets unless they set it: PAPO-D's clip range and dual clip; the
+    reference KL and every other TRL field keep TRL's defaults."""
     grpo, papo = GRPOConfig(**CPU), PAPOConfig(**CPU)
-    assert (grpo.epsilon_high, grpo.delta, grpo.use_bias_correction_kl) == (None, None, True)
-    assert (papo.epsilon_high, papo.delta, papo.use_bias_correction_kl) == (0.28, 3.0, False)
+    assert (grpo.epsilon_high, grpo.delta) == (None, None)
+    assert (papo.epsilon_high, papo.delta) == (0.28, 3.0)
+    shared = ("use_bias_correction_kl", "learning_rate", "max_completion_length", "bf16", "gradient_checkpointing",
+              "num_generations", "temperature", "per_device_train_batch_size")
+    assert {name: getattr(papo, name) for name in shared} == {name: getattr(grpo, name) for name in shared}
+    assert papo.papo_loss_options()["ref_kl_importance_weighted"] is True
 
 
 def test_epsilon_high_none_is_epsilon_as_in_trl():
@@ -62,7 +73,6 @@ def test_linear_gamma_schedule():
     (dict(epsilon=-0.1), "epsilon=-0.1 is not supported"),
     (dict(epsilon=None), "epsilon=None is not supported"),
     (dict(epsilon_high=-0.1), "epsilon_high=-0.1 is not supported"),
-    (dict(beta=0.01, use_bias_correction_kl=True), "use_bias_correction_kl"),
     (dict(entropy_coef=0.01), "entropy_coef"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
     (dict(perception_kl="k4"), "perception_kl"),
@@ -76,10 +86,40 @@ def test_linear_gamma_schedule():
     (dict(gamma=float("nan")), "gamma"),
     (dict(backend="cuda"), "backend"),
     (dict(masked_gradient=False, perception_kl="exact"), "masked_gradient"),
+    (dict(masked_gradient=1), "masked_gradient: got 1, expected True or False"),
+    (dict(gamma=-0.01), r"gamma: got -0.01, expected a finite number >= 0 \(a negative gamma minimises the "
+                        r"perception KL.*allow_negative_coefficients=True"),
+    (dict(eta_clean=-0.03), r"eta_clean: got -0.03, expected a finite number >= 0 \(a negative eta_clean "
+                            r"maximises the clean pass's entropy"),
+    (dict(eta_masked=-0.03), "eta_masked: got -0.03, expected a finite number >= 0"),
+    (dict(allow_negative_coefficients="yes"), "allow_negative_coefficients: got 'yes', expected True or False"),
+    (dict(use_bias_correction_kl=None), "use_bias_correction_kl: got None, expected True or False"),
+    (dict(masked_forward="interleaved"), r"masked_forward: got 'interleaved', expected one of \['joint', "
+                                         r"'sequential'\]"),
+    (dict(masked_forward="sequential", fp16=True), "masked_forward.*'joint' with fp16=True"),
 ])
 def test_refused_settings_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         PAPOConfig(**fields, **CPU)
+
+
+def test_negative_coefficients_only_for_ablations():
+    config = PAPOConfig(gamma=-0.02, eta_clean=-0.01, eta_masked=-0.01, allow_negative_coefficients=True, **CPU)
+    assert (config.gamma, config.eta_clean, config.eta_masked) == (-0.02, -0.01, -0.01)
+    assert PAPOConfig.from_preset("papo_d", gamma=0.0, eta_clean=0.0, eta_masked=0.0, **CPU).uses_masked_image is False
+
+
+def test_a_backend_that_cannot_run_on_the_device_is_refused_at_construction(monkeypatch):
+    """backend='triton' on the CPU runs only under Triton's interpreter, which this suite turns on; with Triton's
+    interpreter knob off, this is a CPU machine without CUDA."""
+    assert PAPOConfig(backend="triton", **CPU).backend == "triton"
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.runtime, "interpret", False)
+    assert PAPOConfig(backend="torch", **CPU).backend == "torch"
+    with pytest.raises(ValueError, match=r"PAPOConfig.backend: got 'triton', which cannot run on this trainer's device "
+                                         r"\(cpu\): backend='triton' runs on CUDA tensors"):
+        PAPOConfig(backend="triton", **CPU)
 
 
 @pytest.mark.parametrize("fields, message", [

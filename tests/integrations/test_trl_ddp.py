@@ -5,30 +5,18 @@ gradients are averaged through DDP (both processes end with the same weights, wh
 trained on different responses); the logged metrics are the token-weighted means of both processes' local ones.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from trl_setup import NUM_GENERATIONS, build_processor_and_model_folder
+from trl_setup import NUM_GENERATIONS, build_processor_and_model_folder, run_in_two_processes
 
 WORKER = Path(__file__).with_name("trl_ddp_worker.py")
-REPOSITORY = Path(__file__).parents[2]
 
 
 def test_two_processes_share_masks_and_average_gradients(tmp_path):
     build_processor_and_model_folder(tmp_path / "model")
-    path = os.pathsep.join(filter(None, [str(REPOSITORY), str(WORKER.parent), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", str(WORKER),
-               str(tmp_path / "model"), str(tmp_path)]
-    completed = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
-    assert [result["processes"] for result in ranks] == [2, 2]
+    ranks = run_in_two_processes(WORKER, tmp_path / "model", tmp_path, "bf16")
 
     # One prompt's four responses per rollout: two on each process, one masked image for all four.
     assert len(ranks[0]["rollouts"]) == len(ranks[1]["rollouts"]) == 2

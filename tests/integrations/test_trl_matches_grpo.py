@@ -17,11 +17,11 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from papo_kernels.integrations.trl import PAPOConfig, PAPOTrainer
-from trl_setup import (build_processor_and_model_folder, colour_dataset, common_fields, generation_rows, length_reward,
-                       parameter_gradients)
+from trl_setup import (build_processor_and_model_folder, colour_dataset, common_fields, current_logprobs,
+                       generation_rows, length_reward, parameter_gradients)
 
 NUM_PROMPTS = 2
-SHARED_GRPO = dict(epsilon=0.2, epsilon_high=0.28, delta=3.0, use_bias_correction_kl=False)
+SHARED_GRPO = dict(epsilon=0.2, epsilon_high=0.28, delta=3.0)
 PAPO_OFF = dict(gamma=0.0, eta_clean=0.0, eta_masked=0.0)
 
 
@@ -55,22 +55,18 @@ def micro_batches(trainer, rows):
     return batches
 
 
-def current_logprobs(trainer, batch):
-    """The model's log-probs of the response tokens, by TRL's own head."""
-    with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), batch["completion_ids"].size(1),
-            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-            num_images=batch["num_images"], mm_token_type_ids=batch["mm_token_type_ids"])
-    return logps
-
-
 def with_noisy_old_logprobs(trainer, batch, seed):
     """The batch with old log-probs = the model's (by TRL's own head) + N(0, 0.3) noise on response tokens."""
     logps = current_logprobs(trainer, batch)
     noise = 0.3 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(seed))
     return {**batch, "old_per_token_logps": logps + noise * batch["completion_mask"]}
+
+
+def with_noisy_reference(trainer, batch):
+    """The batch with noisy old log-probs, and reference log-probs = the old ones + N(0, 0.2) noise."""
+    batch = with_noisy_old_logprobs(trainer, batch, 1)
+    noise = 0.2 * torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(2))
+    return {**batch, "ref_per_token_logps": batch["old_per_token_logps"] + noise * batch["completion_mask"]}
 
 
 def losses_and_gradients(trainer, batches):
@@ -117,11 +113,40 @@ def test_loss_and_gradients_equal_grpo_trainer(tiny, tmp_path, loss_type, old_lo
                                torch.tensor(grpo._metrics["train"]["entropy"]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["beta", "sequence", "top_entropy", "off_policy", "vllm_ratio", "dual_clip"])
+@pytest.mark.parametrize("kl_flag, level", [({}, "token"), (dict(use_bias_correction_kl=True), "token"),
+                                            (dict(use_bias_correction_kl=False), "token"),
+                                            ({}, "sequence")],
+                         ids=["default", "bias-corrected", "plain-k3", "default-gspo"])
+def test_reference_kl_equals_grpo_trainer(tiny, tmp_path, kl_flag, level):
+    """beta > 0 with both configs' default use_bias_correction_kl (TRL's True: the ratio times k3) or either value
+    set: TRL's loss, gradients and logged kl. Token level runs papo_loss's fast path, GSPO's sequence level (a
+    sequence's ratio on each of its tokens) the per-token path."""
+    grpo, papo = make_trainers(tiny, tmp_path, beta=0.04, importance_sampling_level=level, **kl_flag)
+    assert papo.args.use_bias_correction_kl is grpo.args.use_bias_correction_kl is kl_flag.get(
+        "use_bias_correction_kl", True)
+    batch = with_noisy_reference(grpo, micro_batches(papo, generation_rows(tiny[2], NUM_PROMPTS))[0])
+    assert_same_loss_and_gradients(grpo, papo, [batch])
+    torch.testing.assert_close(torch.tensor(papo._metrics["train"]["kl"]), torch.tensor(grpo._metrics["train"]["kl"]),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_the_two_reference_kls_differ(tiny, tmp_path):
+    """The flag matters on this batch, so the test above tells the two KLs apart."""
+    _, papo = make_trainers(tiny, tmp_path, beta=0.04)
+    batch = with_noisy_reference(papo, micro_batches(papo, generation_rows(tiny[2], NUM_PROMPTS))[0])
+    gradients = []
+    for flag in (True, False):
+        papo.args.use_bias_correction_kl = flag
+        gradients.append(losses_and_gradients(papo, [batch])[1])
+    difference = max((gradients[0][name] - gradients[1][name]).abs().max().item() for name in gradients[0])
+    assert difference > 1e-4, difference
+
+
+@pytest.mark.parametrize("option", ["sequence", "top_entropy", "off_policy", "vllm_ratio", "dual_clip"])
 def test_trl_options_equal_grpo_trainer(tiny, tmp_path, option):
-    """TRL's reference KL, GSPO's sequence-level ratio, the per-token weights of the policy-gradient term, and
-    the dual clip (TRL's delta) on tokens whose ratio is above it."""
-    fields = {"beta": dict(beta=0.04), "sequence": dict(importance_sampling_level="sequence", loss_type="grpo"),
+    """GSPO's sequence-level ratio, the per-token weights of the policy-gradient term, and the dual clip (TRL's
+    delta) on tokens whose ratio is above it."""
+    fields = {"sequence": dict(importance_sampling_level="sequence", loss_type="grpo"),
               "top_entropy": dict(top_entropy_quantile=0.5), "off_policy": dict(off_policy_mask_threshold=0.05),
               "vllm_ratio": {}, "dual_clip": {}}[option]
     grpo, papo = make_trainers(tiny, tmp_path, **fields)
@@ -137,9 +162,6 @@ def test_trl_options_equal_grpo_trainer(tiny, tmp_path, option):
         assert dual_clipped.any(), "the batch must hold a response with a negative advantage"
         batch["old_per_token_logps"] = torch.where(dual_clipped, current_logprobs(grpo, batch) - 1.5,
                                                    batch["old_per_token_logps"])
-    if option == "beta":
-        noise = 0.2 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(2))
-        batch["ref_per_token_logps"] = batch["old_per_token_logps"] + noise * mask
     if option == "vllm_ratio":
         # TRL applies the vLLM importance-sampling ratio in the loss when these flags are set; this CPU has no
         # vLLM to generate with, so the flags are set on both trainers after generation and the ratio is given.
@@ -147,9 +169,6 @@ def test_trl_options_equal_grpo_trainer(tiny, tmp_path, option):
             trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
         batch["importance_sampling_ratio"] = torch.rand(mask.shape, generator=torch.Generator().manual_seed(3)) + 0.5
     assert_same_loss_and_gradients(grpo, papo, [batch])
-    if option == "beta":
-        torch.testing.assert_close(torch.tensor(papo._metrics["train"]["kl"]),
-                                   torch.tensor(grpo._metrics["train"]["kl"]), rtol=1e-5, atol=1e-7)
 
 
 def test_masked_pass_on_an_unmasked_image_changes_nothing(tiny, tmp_path):

@@ -1,7 +1,10 @@
 """Shared set-up of the TRL integration tests: the offline tiny Qwen2-VL saved as a model folder, a data set of
 synthetic colour prompts in TRL's conversational format, a reward, and the config fields every test shares."""
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -13,6 +16,7 @@ from papo_kernels.trainer.tiny_model import END_OF_TURN, build_model, build_proc
 
 IMAGE_SIZE = 56
 NUM_GENERATIONS = 4
+REPOSITORY = Path(__file__).parents[2]
 
 
 def tiny_processor():
@@ -67,6 +71,34 @@ def generation_rows(dataset: Dataset, num_prompts: int) -> List[dict]:
     return [dataset[index] for index in range(num_prompts) for _ in range(NUM_GENERATIONS)]
 
 
+def current_logprobs(trainer, batch: dict, model=None) -> torch.Tensor:
+    """The log-probs of the batch's response tokens under ``model`` (the trainer's own by default), by the
+    trainer's ``_get_per_token_logps_and_entropies`` (TRL's own head, for a GRPOTrainer)."""
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model if model is None else model,
+            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), batch["completion_ids"].size(1),
+            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+            num_images=batch["num_images"], mm_token_type_ids=batch["mm_token_type_ids"])
+    return logps
+
+
 def parameter_gradients(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {name: parameter.grad.detach().clone() for name, parameter in model.named_parameters()
             if parameter.grad is not None}
+
+
+def run_in_two_processes(worker: Path, model_folder: Path, output_folder: Path, mixed_precision: str) -> List[dict]:
+    """``worker MODEL_FOLDER OUTPUT_FOLDER`` in two CPU processes under ``accelerate launch`` (DDP over gloo); the
+    ``rank<i>.pt`` each process wrote."""
+    path = os.pathsep.join(filter(None, [str(REPOSITORY), str(worker.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(worker),
+               str(model_folder), str(output_folder)]
+    completed = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    ranks = [torch.load(output_folder / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    assert [result["processes"] for result in ranks] == [2, 2]
+    return ranks

@@ -62,8 +62,12 @@ def main(output_dir: Path) -> None:
     trainer = Trainer(config, accelerator=accelerator)
     sharded = sorted(name for name, parameter in trainer.model.named_parameters() if isinstance(parameter, DTensor))
     result = update_on_fixed_rollout(trainer)
+    if accelerator.is_main_process:  # step 0's record, as train() writes it before the save: a resume reads it
+        trainer.metrics_log.start()
+        trainer.metrics_log.write({"step": 0})
     trainer.save(1)
     saved = state_of(trainer)
+    trainer.close()  # the output directory is the resumed run's now
     resumed = Trainer(dataclasses.replace(config, steps=2), resume=True, accelerator=accelerator)
     restored = state_of(resumed)
     if accelerator.is_main_process:

@@ -1,14 +1,20 @@
 """``papo-train`` end to end on the offline default (a few steps), a local model folder, and bad input."""
 
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from papo_kernels.train import main
+from papo_kernels.trainer import Trainer
 from papo_kernels.trainer.data import synthetic_words
 from papo_kernels.trainer.tiny_model import build_model, build_processor
 
 from cli_helpers import cli_error
+from trainer_helpers import REPOSITORY, small_config
 
 SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "3", "--num-threads", "1"]
 
@@ -29,7 +35,10 @@ def test_default_run_writes_metrics_plot_and_checkpoint_then_resumes(tmp_path, c
         assert key in records[0], key
     assert "eval_accuracy" in records[0] and "eval_accuracy" in records[2]
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "mean reward of the first" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean reward of the first" in printed
+    assert printed.startswith("papo-train: 1 process on cpu (for data parallelism: accelerate launch --multi_gpu "
+                              "--num_processes N -m papo_kernels.train)\n"), printed
 
     assert main(["--output-dir", str(out), "--resume", "--steps", "4"]) == 0
     assert [r["step"] for r in read_lines(out / "metrics.jsonl")] == [0, 1, 2, 3]
@@ -92,3 +101,43 @@ def test_yaml_config_with_an_unknown_field(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config", str(tmp_path / "run.yaml"), "--output-dir", str(tmp_path)])
     assert "unknown config field(s) ['gama']" in capsys.readouterr().err
+
+
+def test_the_logged_lr_is_the_rate_of_the_steps_own_updates(tmp_path):
+    """Each record's lr is the rate its step's optimizer updates used: the cosine schedule's at that step (it was the
+    next step's). Cosine over 3 steps: lr_k = 3e-4 (0.1 + 0.45 (1 + cos(pi k / 3)))."""
+    trainer = Trainer(small_config(tmp_path, steps=3))
+    used = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    records = trainer.train()
+    expected = [3e-4 * (0.1 + 0.45 * (1 + math.cos(math.pi * k / 3))) for k in range(3)]
+    assert [record["lr"] for record in records] == pytest.approx(expected, rel=1e-12)
+    assert [record["lr"] for record in records if not record["skipped"]] == used  # one optimizer step per step
+
+
+def readme_command(comment: str):
+    """The README's command line that ends with ``# comment``, split into words."""
+    lines = (REPOSITORY / "README.md").read_text().splitlines()
+    [line] = [line for line in lines if line.rstrip().endswith(f"# {comment}")]
+    return line.split("#")[0].split()
+
+
+def test_the_readmes_data_parallel_command_runs_the_processes_it_says(tmp_path):
+    """`accelerate launch --num_processes 2` alone ran one process on a CPU machine; the README's command runs two,
+    and the trainer's first line says how many."""
+    command = readme_command("data parallel (gloo on CPU)")
+    assert command[:2] == ["accelerate", "launch"] and "--num_processes" in command
+    processes = int(command[command.index("--num_processes") + 1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *command[2:], "--output-dir",
+                          str(tmp_path / "run"), "--steps", "1", "--eval-every", "0"] + SMALL, cwd=REPOSITORY, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"papo-train: {processes} processes on cpu, data parallel (MULTI_CPU)" in run.stdout.splitlines()

@@ -77,13 +77,44 @@ def test_a_run_configured_with_numpy_scalars_logs_json(tmp_path):
     ("image_size", 14, "an integer >= 28 (one 2 x 2 block of 14-pixel vision patches)"),
     ("output_dir", "", "a non-empty path"),
     ("output_dir", 5, "a non-empty path"),
-    ("steps", 2.0, "a positive integer"),
+    ("steps", 2.0, "a positive integer up to 2**63 - 1"),
     ("seed", 2**64, "an integer in [0, 2**64 - 1] (torch's seed range)"),
 ])
 def test_values_that_failed_only_inside_a_step_are_refused_up_front(name, value, allowed):
     with pytest.raises(TrainerInputError) as error:
         TrainerConfig(**{name: value}).validate()
     assert str(error.value) == f"config field {name!r}: got {value!r}, expected {allowed}"
+
+
+BEYOND_FLOAT = 10**400  # a Python int that float() cannot hold
+INTEGER_FIELDS = ["steps", "num_threads", "prompts_per_step", "group_size", "max_new_tokens", "image_size",
+                  "mask_cell", "ppo_epochs", "minibatches", "micro_batch_size", "eval_prompts", "eval_every",
+                  "save_every", "seed"]
+NUMBER_FIELDS = ["temperature", "top_p", "accuracy_weight", "format_weight", "mask_probability", "gamma", "beta",
+                 "eta_clean", "eta_masked", "epsilon_low", "epsilon_high", "gamma_final", "gamma_anneal_fraction",
+                 "learning_rate", "weight_decay", "max_grad_norm"]
+
+
+@pytest.mark.parametrize("name", INTEGER_FIELDS + NUMBER_FIELDS)
+def test_an_int_beyond_float_is_a_one_line_error_naming_the_field(tmp_path, capsys, name):
+    """From a YAML file (which reads 10**400 as an int) or the config itself: the field named, the number shown by
+    its size, no OverflowError."""
+    with pytest.raises(TrainerInputError, match=f"^config field {name!r}: got an int of about 10\\*\\*400, "
+                                                "expected "):
+        TrainerConfig(**{name: BEYOND_FLOAT}).validate()
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{name}: {BEYOND_FLOAT}\n")
+    message = cli_error(capsys, ["--config", str(path), "--output-dir", str(tmp_path / "run")])
+    assert message.startswith(f"config field {name!r}: got an int of about 10**400, expected "), message
+    assert not (tmp_path / "run").exists(), "refused before any work"
+
+
+@pytest.mark.parametrize("name", ["steps", "max_new_tokens", "prompts_per_step"])
+def test_integer_fields_stop_at_int64(name):
+    TrainerConfig(**{name: 2**63 - 1})  # the largest allowed: built, not run
+    with pytest.raises(TrainerInputError, match=f"config field {name!r}: got 9223372036854775808, expected a positive "
+                                                r"integer up to 2\*\*63 - 1"):
+        TrainerConfig(**{name: 2**63}).validate()
 
 
 @pytest.mark.parametrize("text, message", [

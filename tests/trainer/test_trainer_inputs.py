@@ -130,6 +130,51 @@ def test_a_line_separator_inside_a_json_string_does_not_split_the_record(tmp_pat
     assert len(dataset) == 2 and dataset.records[1]["line"] == 2
 
 
+def write_records(directory, records):
+    path = directory / "train.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.mark.parametrize("field", ["question", "answer"])
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|vision_start|>", "<|im_end|>", "<|box_start|>"])
+def test_special_token_text_in_the_data_is_refused_when_the_file_is_read(tmp_path, capsys, field, token):
+    """Qwen-formatted data sets carry <|image_pad|> in their questions; read as the control token it asks for image
+    features no image provides (the first step died in transformers). Refused before the model is built."""
+    red_png(tmp_path / "red.png")
+    plain = {"image": "red.png", "question": "what color is the square ?", "answer": "red"}
+    data = write_records(tmp_path, [plain, {**plain, field: f"{token} {plain[field]}"}])
+    message = cli_error(capsys, ["--data", str(data), "--output-dir", str(tmp_path / "run")] + MISSING_MODEL)
+    assert message.startswith(f"--data: {data}, line 2: field {field!r} holds the special-token text {token!r}, "
+                              "which the processor would read as that control token"), message
+
+
+def test_the_tokenizers_own_special_tokens_are_refused_naming_the_line(tmp_path):
+    red_png(tmp_path / "red.png")
+    plain = {"image": "red.png", "question": "what color is the square ?", "answer": "red"}
+    dataset = JsonlDataset(write_records(tmp_path, [plain, plain, {**plain, "answer": "red <obj>"}]), seed=0)
+    tokenizer = build_processor(["red"], 56).tokenizer
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<obj>"]}, replace_extra_special_tokens=False)
+    assert "<obj>" in tokenizer.all_special_tokens
+    with pytest.raises(TrainerInputError, match=f"^--data: {dataset.path}, line 3: field 'answer' holds the "
+                                                "special-token text '<obj>'"):
+        dataset.check_special_tokens(tokenizer.all_special_tokens)
+
+
+def test_tasks_with_data_is_an_error(tmp_path, capsys):
+    red_png(tmp_path / "red.png")
+    data = write_jsonl(tmp_path, ["red.png"])
+    for tasks in (["count"], ["color"]):  # the default too, when given as a flag
+        assert cli_error(capsys, ["--data", str(data), "--tasks", *tasks, "--output-dir", str(tmp_path / "run")]) \
+            == "--tasks picks the synthetic tasks, which --data replaces; give one of them"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {data}\ntasks: [count]\n")
+    assert cli_error(capsys, ["--config", str(config), "--output-dir", str(tmp_path / "run")]) == (
+        "config field 'tasks': got ['count'], expected the default ['color'] with data (the synthetic tasks are not "
+        "drawn when data is given); give data or tasks, not both")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_model_folder_with_a_broken_config(tmp_path, capsys):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2_vl", ')

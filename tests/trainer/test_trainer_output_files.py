@@ -1,11 +1,11 @@
 """The output files after kills and damage: metrics.jsonl stays readable, checkpoints are written with the umask's
-mode, orphans of killed saves are removed, and a damaged checkpoint is a one-line error naming it."""
+mode, orphans of killed saves are removed, and a damaged checkpoint (its bytes fail their CRC-32, or it is no
+checkpoint) is a one-line error naming it, before any work."""
 
 import os
 import pickletools
 import random
 import resource
-import shutil
 import signal
 import warnings
 import zipfile
@@ -13,7 +13,7 @@ import zipfile
 import pytest
 import torch
 
-from papo_kernels.trainer import Trainer, metrics_log
+from papo_kernels.trainer import Trainer, checkpoint, metrics_log
 from papo_kernels.trainer.checkpoint import CHECKPOINT_NAME, PAYLOAD_KEYS, load_checkpoint
 from papo_kernels.trainer.errors import TrainerInputError, TrainerWarning
 from papo_kernels.trainer.files import write_atomically
@@ -23,21 +23,6 @@ from cli_helpers import cli_error
 from trainer_helpers import small_config
 
 MEMORY_CAP = 8 << 30
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A real run of 2 steps with a checkpoint at each step and a constant learning rate (it may be extended)."""
-    threads = torch.get_num_threads()
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    Trainer(small_config(run_dir, steps=2, save_every=1, lr_schedule="constant")).train()
-    torch.set_num_threads(threads)
-    return run_dir
-
-
-@pytest.fixture
-def run_dir(finished_run, tmp_path):
-    return shutil.copytree(finished_run, tmp_path / "run")
 
 
 def resume(run_dir, steps=3):
@@ -195,6 +180,7 @@ def in_a_child_with_capped_memory(function):
     if pid == 0:
         try:
             os.close(read_end)
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive the fork (test_trainer_writes.py)
             resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
             try:
                 result = function()
@@ -231,11 +217,46 @@ def load_outcome(run_dir) -> str:
         return f"TrainerInputError: {error}"
 
 
-def test_a_huge_memo_index_in_the_payload_does_not_reserve_huge_memory(run_dir):
+def largest_member(path):
+    """``(name, offset, size)`` of the archive's largest member, a tensor's bytes (stored uncompressed)."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda member: member.file_size)
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    return info.filename, start, info.file_size
+
+
+@pytest.mark.parametrize("count", [1, 200])
+def test_flipped_bytes_in_tensor_data_are_an_error_naming_the_file_before_any_work(run_dir, capsys, count):
+    """torch.load reads such a file without complaint (one weight is another number); its CRC-32 does not hold."""
+    path = run_dir / CHECKPOINT_NAME
+    name, start, size = largest_member(path)
+    data = bytearray(path.read_bytes())
+    for position in range(start + size // 2, start + size // 2 + count):
+        data[position] ^= 0x10
+    path.write_bytes(bytes(data))
+    before = path.read_bytes()
+    message = cli_error(capsys, ["--output-dir", str(run_dir), "--resume", "--steps", "3"])
+    assert message == (f"--resume: {path} cannot be read as a checkpoint: damaged, truncated or not written by "
+                       f"papo-train (the bytes of its member {name} fail their CRC-32)")
+    assert path.read_bytes() == before, "never trained on, nor overwritten by a sound-looking checkpoint"
+    assert [record["step"] for record in read_metrics(run_dir)] == [0, 1]
+
+
+def without_the_crc_check(monkeypatch):
+    """What torch's reader meets behind the CRC-32s: a damage they do not catch (a file written whole that is no
+    checkpoint, or a damage with its CRC rewritten to match)."""
+    monkeypatch.setattr(checkpoint, "_damage", lambda path: None)
+
+
+def test_a_huge_memo_index_in_the_payload_does_not_reserve_huge_memory(run_dir, monkeypatch):
     # The full unpickler (weights_only=False) keeps its memo in an array as long as the largest index: with this
     # damage it failed with MemoryError under the 8 GiB cap (a randomly damaged checkpoint, loaded that way without a
     # cap, grew to 22 GB before the kernel killed it). The weights-only unpickler keeps a dict: the damaged index is
     # just another key.
+    without_the_crc_check(monkeypatch)
     path = run_dir / CHECKPOINT_NAME
     start, pickled = pickled_payload(path)
     put = next(position for opcode, _, position in pickletools.genops(pickled) if opcode.name == "LONG_BINPUT")
@@ -246,27 +267,43 @@ def test_a_huge_memo_index_in_the_payload_does_not_reserve_huge_memory(run_dir):
     assert outcome == "loaded" or outcome.startswith(f"TrainerInputError: --resume: {path} cannot be read"), outcome
 
 
-def test_damage_anywhere_in_the_pickled_payload_is_the_error_naming_the_file(run_dir):
-    """Damaged pickle bytes raise many exception types; each becomes the one error naming the file (or the damage
-    hit a value and the file still loads)."""
+def damaged_loads(run_dir, count: int) -> list:
+    """The outcomes of ``count`` random damages (1, 8 or 64 random bytes) in the pickled payload, each loaded in a
+    forked child with capped memory."""
     path = run_dir / CHECKPOINT_NAME
     data = path.read_bytes()
     offset, pickled = pickled_payload(path)
     start, end = offset, offset + len(pickled)
 
-    # 60 damages: the pickle is mostly parameter names (model and optimizer state are keyed by them), so fewer
-    # damages meet fewer exception types (40 met two kinds).
     def outcomes() -> str:
         rng = random.Random(0)
         results = []
-        for _ in range(60):
+        for _ in range(count):
             offset, size = rng.randrange(start, end), rng.choice([1, 8, 64])
             path.write_bytes(data[:offset] + rng.randbytes(size) + data[offset + size:])
             results.append(load_outcome(run_dir))
         return "\n".join(results)
 
     results = in_a_child_with_capped_memory(outcomes).split("\n")
-    assert len(results) == 60
+    assert len(results) == count
+    return results
+
+
+def test_damage_anywhere_in_the_pickled_payload_fails_its_crc(run_dir):
+    path = run_dir / CHECKPOINT_NAME
+    for result in damaged_loads(run_dir, 20):
+        assert result.startswith(f"TrainerInputError: --resume: {path} cannot be read as a checkpoint") and \
+            result.endswith("fail their CRC-32)"), result
+
+
+def test_damage_the_crcs_miss_is_the_error_naming_the_file(run_dir, monkeypatch):
+    """Damaged pickle bytes raise many exception types in torch's reader; each becomes the one error naming the file
+    (or the damage hit a value and the file still loads)."""
+    without_the_crc_check(monkeypatch)
+    path = run_dir / CHECKPOINT_NAME
+    # 60 damages: the pickle is mostly parameter names (model and optimizer state are keyed by them), so fewer
+    # damages meet fewer exception types (40 met two kinds).
+    results = damaged_loads(run_dir, 60)
     for result in results:
         assert result == "loaded" or result.startswith(
             f"TrainerInputError: --resume: {path} cannot be read as a checkpoint"), result

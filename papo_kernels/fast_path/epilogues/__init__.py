@@ -3,7 +3,7 @@
 - ``triton``: two Triton kernels (statistics, then dZ); CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1`` (float32 and float64 logits are not mixed: float64 inputs go to torch).
 - ``native``: C++ from ``csrc/`` (``native_epilogue.py``), built on first use; CPU tensors. Where
-  nothing can build it, the torch epilogue with one warning.
+  the library cannot be had, asked for by name it raises the cause.
 - ``torch``: plain PyTorch ops; anywhere; the tests' second opinion.
 - ``auto``: ``triton`` on CUDA when Triton imports (not for float64; ``torch`` with one warning where
   Triton does not import), ``native`` on CPU (``torch`` with one warning where it does not build),

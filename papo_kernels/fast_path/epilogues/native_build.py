@@ -19,17 +19,29 @@ of a builder that died is removed by the next holder of the lock.
 
 A cache entry whose lock cannot be opened (a read-only folder or file system, say a cache built
 once and shared) has no builder to wait for: its library loads without the lock, and an entry
-without one is ``NativeUnavailable`` (the torch epilogue runs, with its one warning).
+without one is ``NativeUnavailable`` (the torch epilogue runs, with its one warning). A file system
+that refuses ``flock`` itself (Lustre mounted without it, some network file systems: ENOSYS,
+EOPNOTSUPP, ENOLCK) gets one warning and the lock-free path: concurrent first uses may each build,
+and the atomic rename still keeps every library whole.
+
+The cache verifies its bytes: each build writes ``<library>.json`` with the library's size and
+SHA-256 before the library moves into place, and a cached library is loaded only when both match
+(a truncated or damaged shared object would otherwise kill the process with SIGBUS or SIGSEGV inside
+the loader). One that does not match is rebuilt with one warning, or, where the cache cannot be
+written, is ``NativeUnavailable``.
 """
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import IO, Iterator, List, Optional
 
@@ -50,6 +62,10 @@ CAPABILITY_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
 }
 COMMON_FLAGS = ["-O3", "-fopenmp"]
+# Part of the cache key: entries of an earlier layout (without a manifest) are never read.
+CACHE_LAYOUT = "manifest-v1"
+# What flock raises on a file system that does not implement it.
+LOCKS_REFUSED = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK)
 
 
 class NativeUnavailable(RuntimeError):
@@ -100,18 +116,29 @@ def cache_key(compiler: str) -> str:
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes() + b"\0")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    digest.update("\0".join(build_flags() + [compiler, version, sys.platform]).encode())
+    digest.update("\0".join(build_flags() + [compiler, version, sys.platform, CACHE_LAYOUT]).encode())
     capability = torch.backends.cpu.get_cpu_capability().replace(" ", "_")
     return f"torch{torch.__version__}-{capability}-{digest.hexdigest()[:16]}"
 
 
 @contextlib.contextmanager
-def _exclusive(lock: IO) -> Iterator[None]:
-    """An exclusive ``fcntl`` lock on the open file ``lock`` for the duration; the file is closed after."""
+def _exclusive(lock: IO) -> Iterator[bool]:
+    """An exclusive ``fcntl`` lock on the open file ``lock`` for the duration (yields True), or, where the file
+    system refuses locks (``LOCKS_REFUSED``), one warning and no lock (yields False); the file is closed after."""
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in LOCKS_REFUSED:
+                raise
+            warnings.warn(f"papo_kernels: the native epilogue's cache folder {Path(lock.name).parent} does not "
+                          f"support file locks ({error.strerror}); it is built and loaded without one (processes "
+                          "starting together may each build it; every library still moves into place whole)",
+                          RuntimeWarning, stacklevel=4)
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -139,7 +166,11 @@ def _build(entry: Path, compiler: str, ninja_folder: str) -> Path:
             cpp_extension.load(name=LIBRARY_NAME, sources=[str(SOURCE_DIR / name) for name in SOURCES],
                                extra_cflags=build_flags(), extra_ldflags=["-fopenmp"],
                                build_directory=str(work), is_python_module=False, verbose=False)
-        os.replace(work / f"{LIBRARY_NAME}.so", library)
+        built = work / f"{LIBRARY_NAME}.so"
+        manifest = work / manifest_path(library).name
+        manifest.write_text(json.dumps(fingerprint(built)))
+        os.replace(manifest, manifest_path(library))  # the manifest first: a library is never without its own
+        os.replace(built, library)
         log.unlink(missing_ok=True)  # an earlier failure's
     except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
         output = "\n".join(str(part) for part in (error, getattr(error, "output", None), getattr(error, "stderr", None))
@@ -154,7 +185,36 @@ def _build(entry: Path, compiler: str, ninja_folder: str) -> Path:
     return library
 
 
+def manifest_path(library: Path) -> Path:
+    return library.with_suffix(".json")
+
+
+def fingerprint(library: Path) -> dict:
+    """What the manifest records of a library: its size and SHA-256."""
+    return {"size": library.stat().st_size, "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}
+
+
+def damage(library: Path) -> Optional[str]:
+    """Why the cached ``library`` is not the one its build wrote (size or SHA-256 differs from its manifest, or the
+    manifest is missing or unreadable), or None when it is."""
+    try:
+        recorded = json.loads(manifest_path(library).read_text())
+        size, sha256 = int(recorded["size"]), str(recorded["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its manifest {manifest_path(library).name} cannot be read ({type(error).__name__})"
+    try:
+        actual = fingerprint(library)
+    except OSError as error:
+        return f"it cannot be read ({error.strerror})"
+    if actual["size"] != size:
+        return f"{actual['size']} bytes where its build wrote {size}"
+    if actual["sha256"] != sha256:
+        return "its SHA-256 differs from the one its build recorded"
+    return None
+
+
 def _load_cached(library: Path) -> None:
+    """Loads a library whose bytes ``damage`` accepted."""
     try:
         torch.ops.load_library(str(library))
     except OSError as error:
@@ -192,14 +252,25 @@ def load() -> Path:
         if rebuild or not library.exists():
             raise NativeUnavailable(f"its cache folder {entry} cannot be written ({error.strerror}), so the library "
                                     f"cannot be built there; set {CACHE_DIR_VARIABLE} to a writable folder") from error
+        reason = damage(library)
+        if reason is not None:
+            raise NativeUnavailable(f"the cached library {library} is damaged ({reason}) and its cache folder cannot "
+                                    f"be written to rebuild it; set {CACHE_DIR_VARIABLE} to a writable folder") \
+                from error
         _load_cached(library)
     else:
-        with _exclusive(lock):
-            for stale in entry.glob("build-*"):  # left by a builder that died: only the lock's holder builds
-                shutil.rmtree(stale, ignore_errors=True)
-            if library.exists() and not rebuild:
+        with _exclusive(lock) as locked:
+            if locked:  # a build folder is a dead builder's only while the lock is held
+                for stale in entry.glob("build-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+            cached = library.exists() and not rebuild
+            reason = damage(library) if cached else None
+            if cached and reason is None:
                 _load_cached(library)
             else:
+                if reason is not None:
+                    warnings.warn(f"papo_kernels: the cached native epilogue {library} is damaged ({reason}); "
+                                  "rebuilding it", RuntimeWarning, stacklevel=3)
                 library = _build(entry, compiler, ninja_dir())
     _loaded = library
     return library

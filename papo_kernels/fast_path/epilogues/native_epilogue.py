@@ -9,10 +9,11 @@ gives them fake kernels (``torch.compile``, ``opcheck``) and makes the statistic
 its backward being the gradient op. The numerics (sums in blocks, H and KL consistent with the
 rounded lse) are described in ``csrc/papo_epilogue.h``.
 
-``resolve(strict)`` builds the library (``native_build.load``) and returns this module, or, where
-no toolchain can build it, the torch epilogue with one warning that says why; a failed build
-raises ``NativeBuildError`` when ``strict`` (``backend='native'``) and falls back with the
-warning otherwise (``backend='auto'``).
+``resolve(strict)`` builds the library (``native_build.load``) and returns this module. Where the library
+cannot be had, one rule holds whatever the cause (no compiler or ninja, a cache that cannot be written, a
+failed build): ``backend='native'`` asked for it by name, so ``strict`` raises that error
+(``NativeUnavailable`` or ``NativeBuildError``, both ``RuntimeError``) with the cause; ``backend='auto'``
+runs the torch epilogue instead, with one warning that gives the cause.
 """
 
 import sys
@@ -27,8 +28,7 @@ from .contract import RowStatistics, UpstreamGradients
 
 NAME = "native"
 
-_unavailable: Optional[str] = None  # why nothing can build the library here
-_build_error: Optional[native_build.NativeBuildError] = None
+_failure: Optional[RuntimeError] = None  # why the library cannot be had here (native_build's error)
 _warned = False
 _registered = False
 
@@ -103,21 +103,21 @@ def load() -> None:
 
 
 def resolve(strict: bool):
-    """This module when the library loads, else the torch epilogue with one warning (see the module docstring)."""
-    global _unavailable, _build_error, _warned
-    if _unavailable is None and _build_error is None:
+    """This module when the library loads; else the torch epilogue with one warning, or the error when ``strict``
+    (see the module docstring)."""
+    global _failure, _warned
+    if _failure is None:
         try:
             load()
             return sys.modules[__name__]
-        except native_build.NativeUnavailable as error:
-            _unavailable = str(error)
-        except native_build.NativeBuildError as error:
-            _build_error = error
-    if _build_error is not None and strict:
-        raise _build_error
+        except (native_build.NativeUnavailable, native_build.NativeBuildError) as error:
+            _failure = error
+    if strict:
+        raise type(_failure)(f"backend='native' asks for the native CPU epilogue, which cannot be had here: "
+                             f"{_failure}\nbackend='auto' runs the torch epilogue instead (with a warning), "
+                             "backend='torch' without one") from _failure
     if not _warned:
         _warned = True
-        reason = _unavailable or f"its build failed: {_build_error}"
-        warnings.warn(f"papo_kernels: the native CPU epilogue is unavailable ({reason}); the fast path uses the "
+        warnings.warn(f"papo_kernels: the native CPU epilogue is unavailable ({_failure}); the fast path uses the "
                       "torch epilogue instead, which is slower", RuntimeWarning, stacklevel=3)
     return torch_epilogue
