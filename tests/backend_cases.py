@@ -63,7 +63,7 @@ def backend_functions(backend: str, temporary_bytes: int = SMALL_TEMPORARY_BYTES
     if backend == "head_chunks":  # the torch backend's design on CUDA (library products, torch epilogue), anywhere
 
         def options(temperature):
-            return head_chunks.HeadOptions(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
+            return head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
 
         return (lambda h, w, t, b, tau: head_chunks.linear_logprobs(h, w, t, b, options(tau)),
                 lambda h, hm, w, t, b, tau: head_chunks.linear_perception_kl(h, hm, w, t, b, options(tau)))

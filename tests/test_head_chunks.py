@@ -4,14 +4,18 @@ The torch head (what the torch backend runs on CUDA; "head_chunks" in backend_ca
 reference at either end of the chunk sizes: the same math in another order, so tight tolerances. test_backends.py
 runs every option at a budget in between, and holds the Triton head, as the triton backend, to the float32 error
 budget at the interpreter's blocks; here it runs at the sm_80 and sm_90 configs in float16 as well. Matrix work:
-2 N D V per pass forward, 6 N D V per pass backward, no product that no gradient needs.
+2 N D V per pass forward, 6 N D V per pass backward, no product that no gradient needs. A float16 dZ at gradients of
+order 1e-9, by the fast path's switch (``FastPathOptions.dz_dtype``) and its scaling (``fast_path/half_dz.py``).
 """
+
+import functools
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from papo_kernels.backends import head_chunks
+from papo_kernels.fast_path import FastPathOptions
 
 from backend_cases import OUTPUTS, assert_close, assert_within_budget, cast, make_inputs, run_op
 from backend_cases import upstream_gradients
@@ -40,7 +44,7 @@ def test_a_second_backward_through_the_same_graph():
     n, v, d = 9, 40, 16
     inputs = make_inputs(n, v, d, bias=False, seed=5)
     hidden = inputs["hidden"].clone().requires_grad_()
-    options = head_chunks.HeadOptions(head_chunks.TORCH_HEAD, 1.0, 4096)
+    options = head_chunks.head_options(head_chunks.TORCH_HEAD, 1.0, 4096)
     logprobs, entropy = head_chunks.linear_logprobs(hidden, inputs["weight"], inputs["tokens"], None, options)
     (logprobs.sum() + entropy.sum()).backward(retain_graph=True)
     first = hidden.grad.clone()
@@ -83,3 +87,21 @@ def test_triton_head_at_the_cuda_configs_in_float16(capability):
     for name in truth[1]:
         assert_within_budget(f"grad of {name}", kernel[1][name], same_dtype[1][name], truth[1][name], factor=4.0,
                              atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["head_chunks", "triton"], ids=["torch_head", "triton_head"])
+def test_a_float16_dz_keeps_gradients_of_order_1e9(backend, monkeypatch):
+    """float32 inputs, dZ forced into float16 (the fast path's test switch, which reaches this loop through
+    ``head_options``), upstream gradients of order 1e-9 as papo_loss's 1/N gives them: every gradient within the
+    float16 error budget of float64 (an unscaled float16 dZ flushes most of them to zero)."""
+    monkeypatch.setattr(head_chunks, "FastPathOptions", functools.partial(FastPathOptions, dz_dtype=torch.float16))
+    n, v, d = 21, 70, 24
+    inputs = make_inputs(n, v, d, bias=True, seed=21)
+    upstream = {name: 1e-9 * g for name, g in upstream_gradients(n, "perception_kl", OUTPUTS["perception_kl"]).items()}
+    truth = run_op("reference", "perception_kl", inputs, 0.7, upstream)[1]
+    same_dtype = run_op("reference", "perception_kl", cast(inputs, torch.float32), 0.7, upstream)[1]
+    kernel = run_op(backend, "perception_kl", cast(inputs, torch.float32), 0.7, upstream, temporary_bytes=3000)[1]
+    assert 1e-10 < float(truth["hidden"].abs().max()) < 1e-8
+    for name, value in truth.items():
+        assert_within_budget(f"grad of {name}", kernel[name], same_dtype[name], value, factor=4.0, atol=2e-3,
+                             scale_to_truth=True)

@@ -12,8 +12,19 @@ Backward, per chunk of C tokens (shared STYLE.md, "a path built from library pro
 2. dZ by the epilogue's ``logit_gradient`` (the gradient table of PAPO_SPEC.md), from the per-token upstream
    gradients;
 3. ``d[h; h~] = dZ W`` (``MatrixProducts.grad_rows``), ``dW += dZ^T [h; h~]`` (``accumulate_grad_weight``, one
-   float32 accumulator), ``db += sum_rows dZ``. No atomics: every row's gradient is written once, and the weight's
-   gradient accumulates chunk after chunk.
+   float32 accumulator: ``addmm``, or the reduce-add kernel under ``PAPO_KERNELS_GRAD_WEIGHT=reduce_add`` as on the
+   fast path, ``fast_path/grad_weight.py``), ``db += sum_rows dZ``. No atomics: every row's gradient is written
+   once, and the weight's gradient accumulates chunk after chunk.
+
+The fast path's pieces, shared rather than copied: the options (``FastPathOptions``: the temperature, the workspace,
+the dZ dtype), the workspace rule (``fast_path/workspace.py``: the budget given, else its policy: on CUDA
+min(4 GiB, 10% of free memory), or with the reduce-add kernel 1024 tokens a chunk within min(1 GiB, 10%), and
+256 MiB on the CPU; the forward, which has no dW product, sizes its chunks by the ``addmm`` rule), the chunk sizing
+(``chunk_loop.tokens_per_chunk``), the products, and dZ in half precision (``fast_path/half_dz.py``: a half dZ
+buffer on CUDA, a float16 dZ made from upstream gradients scaled per chunk by a power of two that the products'
+alpha undoes). The public per-token ops take no budget and run at the policy (``papo_loss``'s ``workspace_bytes``
+is the fast path's); ``head_options``' ``workspace_bytes`` (the torch backend's ``temporary_bytes`` on CUDA; tests)
+overrides it.
 
 Matrix work: 2 N D V per pass forward, 2 N D V recomputed and 4 N D V of gradients per pass backward (16 N D V for
 both passes, against 12 N D V for ``papo_loss``'s fast path, which keeps the gradient of its forward). Only inputs
@@ -28,10 +39,12 @@ import torch
 from torch import Tensor
 
 from .._guards import fused_backward
-from ..fast_path.chunk_loop import MatrixProducts, rows_per_chunk
+from ..fast_path.chunk_loop import FastPathOptions, MatrixProducts, bytes_per_token, tokens_per_chunk
 from ..fast_path.epilogues import torch_epilogue
 from ..fast_path.epilogues.contract import RowStatistics, UpstreamGradients
-from ..fast_path.workspace import LOW_MEMORY_WORKSPACE_BYTES
+from ..fast_path.grad_weight import resolve_grad_weight_kernel
+from ..fast_path.half_dz import chunk_scale, dz_dtype, scaled
+from ..fast_path.workspace import resolve_workspace_bytes
 from .reference import compute_dtype
 
 
@@ -56,7 +69,7 @@ class ChunkedHead:
       state its epilogue's ``logit_gradient`` reads. With ``shift`` (the maxima a forward returned for these rows)
       the head computes on z - m.
     - ``epilogue``: the fast-path epilogue whose ``logit_gradient`` gives dZ.
-    - ``forward_tokens(n, V, D, paired, dtype, budget)``: tokens per forward chunk for a temporaries budget.
+    - ``forward_bytes_per_token(V, D, paired, dtype)``: the forward's workspace per token.
     - ``forward_needs_logits``: whether the forward's statistics need a logits buffer.
     - ``scaled_logits``: whether the logits left are z (bias and 1 / tau applied), so that ``logit_gradient``
       takes no bias, a temperature of 1 and upstream gradients divided by tau; else the raw rows W^T.
@@ -65,7 +78,7 @@ class ChunkedHead:
     name: str  # the backend's, for messages
     statistics: ChunkStatistics
     epilogue: ModuleType
-    forward_tokens: Callable[[int, int, int, bool, torch.dtype, int], int]
+    forward_bytes_per_token: Callable[[int, int, bool, torch.dtype], int]
     forward_needs_logits: bool
     scaled_logits: bool
 
@@ -80,13 +93,13 @@ def _torch_statistics(weight, products: MatrixProducts, hidden_rows, hidden_mask
     return HeadStatistics(torch_epilogue.statistics(logits, tokens, bias, temperature, paired), None)
 
 
-def _torch_forward_tokens(n: int, vocab_size: int, dim: int, paired: bool, dtype: torch.dtype, budget: int) -> int:
+def _torch_forward_bytes_per_token(vocab_size: int, dim: int, paired: bool, dtype: torch.dtype) -> int:
     itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
-    return rows_per_chunk(n, vocab_size, dim, paired, itemsize, False,
-                          torch_epilogue.workspace_bytes_per_token(vocab_size, paired, itemsize), budget)
+    return bytes_per_token(vocab_size, dim, paired, itemsize, False,
+                           torch_epilogue.workspace_bytes_per_token(vocab_size, paired, itemsize))
 
 
-TORCH_HEAD = ChunkedHead("torch", _torch_statistics, torch_epilogue, _torch_forward_tokens,
+TORCH_HEAD = ChunkedHead("torch", _torch_statistics, torch_epilogue, _torch_forward_bytes_per_token,
                          forward_needs_logits=True, scaled_logits=False)
 
 
@@ -114,8 +127,13 @@ class GradientPlan:
 @dataclass(frozen=True)
 class HeadOptions:
     head: ChunkedHead
-    temperature: float
-    workspace_bytes: int = LOW_MEMORY_WORKSPACE_BYTES
+    chunking: FastPathOptions  # the temperature, the workspace (None: the policy) and the dZ dtype
+
+
+def head_options(head: ChunkedHead, temperature: float, workspace_bytes: Optional[int] = None) -> HeadOptions:
+    """The per-token ops' options on ``head``: the fast path's chunking options (``FastPathOptions``, so that its
+    ``dz_dtype`` switch reaches this loop too)."""
+    return HeadOptions(head, FastPathOptions(float(temperature), workspace_bytes))
 
 
 def forward_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
@@ -124,7 +142,9 @@ def forward_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: 
     n, dim = hidden.shape
     paired = hidden_masked is not None
     head = options.head
-    chunk = head.forward_tokens(n, weight.shape[0], dim, paired, hidden.dtype, options.workspace_bytes)
+    per_token = head.forward_bytes_per_token(weight.shape[0], dim, paired, hidden.dtype)
+    budget = resolve_workspace_bytes(options.chunking.workspace_bytes, hidden.device, "addmm", per_token)
+    chunk = tokens_per_chunk(n, per_token, budget)
     products = logits = None
     if head.forward_needs_logits:
         products = MatrixProducts(weight)
@@ -136,7 +156,8 @@ def forward_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: 
         count = rows.stop - rows.start
         parts.append(head.statistics(
             weight, products, hidden[rows], None if hidden_masked is None else hidden_masked[rows], tokens[rows],
-            bias, options.temperature, None if logits is None else logits[:(2 if paired else 1) * count], None))
+            bias, options.chunking.temperature, None if logits is None else logits[:(2 if paired else 1) * count],
+            None))
     if not parts:
         empty = hidden.new_empty(0, dtype=compute_dtype(hidden.dtype))
         return HeadStatistics(RowStatistics(*[empty] * (7 if paired else 3)), None)
@@ -179,29 +200,36 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions):
 
     n, dim = hidden.shape
     vocab_size = weight.shape[0]
-    products = MatrixProducts(weight)
+    device = hidden.device
+    temperature = options.chunking.temperature
+    grad_weight_kernel = resolve_grad_weight_kernel(device, weight.dtype, vocab_size, dim) if needs_weight \
+        else "addmm"
+    products = MatrixProducts(weight, grad_weight_kernel)
     result_dtype = products.result_dtype
     itemsize = torch.finfo(result_dtype).bits // 8
-    half_dz = products.native_half
+    dz_buffer_dtype = dz_dtype(options.chunking.dz_dtype, products.native_half, products.input_dtype)
     epilogue = options.head.epilogue
-    chunk = rows_per_chunk(n, vocab_size, dim, passes == 2, itemsize, half_dz,
-                           epilogue.workspace_bytes_per_token(vocab_size, passes == 2, itemsize),
-                           options.workspace_bytes)
-    device = hidden.device
+    per_token = bytes_per_token(vocab_size, dim, passes == 2, itemsize, dz_buffer_dtype is not None,
+                                epilogue.workspace_bytes_per_token(vocab_size, passes == 2, itemsize))
+    chunk = tokens_per_chunk(n, per_token, resolve_workspace_bytes(options.chunking.workspace_bytes, device,
+                                                                   grad_weight_kernel, per_token))
     logits_buffer = torch.empty(passes * chunk, vocab_size, dtype=result_dtype, device=device)
-    dz_buffer = torch.empty(passes * chunk, vocab_size, dtype=weight.dtype, device=device) if half_dz else None
+    dz_buffer = None if dz_buffer_dtype is None else torch.empty(passes * chunk, vocab_size, dtype=dz_buffer_dtype,
+                                                                 device=device)
     grad_rows_buffer = torch.empty(passes * chunk, dim, dtype=hidden.dtype, device=device)
     grad_sources = tuple(torch.zeros_like(source) if dz and rows else None
                          for source, dz, rows in zip(sources, wants_dz, wants_rows))
-    grad_weight = torch.zeros(weight.shape, dtype=result_dtype, device=device) if needs_weight else None
+    # the first chunk writes the weight's accumulator, the later ones add to it
+    grad_weight = torch.empty(weight.shape, dtype=result_dtype, device=device) if needs_weight else None
+    grad_weight_written = False
     grad_bias = torch.zeros(vocab_size, dtype=result_dtype, device=device) if needs_bias else None
 
     shifts = None if maxima is None else maxima[list(pass_inputs)]
     if options.head.scaled_logits:  # the logits are z: dZ with respect to them, times 1 / tau
-        slots = tuple(g / options.temperature for g in slots)
+        slots = tuple(g / temperature for g in slots)
         gradient_bias, gradient_temperature = None, 1.0
     else:
-        gradient_bias, gradient_temperature = bias, options.temperature
+        gradient_bias, gradient_temperature = bias, temperature
 
     # the rows with dZ wanted, and those whose dh is wanted: a contiguous range of the chunk's passes
     dz_passes = [i for i in range(passes) if wants_dz[i]]
@@ -213,26 +241,33 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions):
         logits = logits_buffer[:passes * count]
         stats = options.head.statistics(
             weight, products, chunk_rows[:count], chunk_rows[count:] if passes == 2 else None, tokens[rows], bias,
-            options.temperature, logits, None if shifts is None else shifts[:, rows].contiguous()).stats
+            temperature, logits, None if shifts is None else shifts[:, rows].contiguous()).stats
         upstream = UpstreamGradients(*(g[rows] for g in slots))
+        # dz is linear in the upstream gradients: a float16 dz is made from scaled ones, the products unscale
         dz = logits if dz_buffer is None else dz_buffer[:passes * count]
-        epilogue.logit_gradient(logits, tokens[rows], gradient_bias, gradient_temperature, stats, upstream, dz)
+        scale = chunk_scale(upstream, dz.dtype)
+        epilogue.logit_gradient(logits, tokens[rows], gradient_bias, gradient_temperature, stats,
+                                scaled(upstream, scale), dz)
         if row_passes:
             first, last = row_passes[0] * count, (row_passes[-1] + 1) * count
             grad_rows = grad_rows_buffer[:last - first]
-            products.grad_rows(dz[first:last], out=grad_rows)
+            products.grad_rows(dz[first:last], out=grad_rows, alpha=1.0 / scale)
             for i in row_passes:
                 grad_sources[i][rows] = grad_rows[(i - row_passes[0]) * count:(i - row_passes[0] + 1) * count]
         first, last = dz_passes[0] * count, (dz_passes[-1] + 1) * count
         if grad_weight is not None:
-            products.accumulate_grad_weight(grad_weight, dz[first:last], chunk_rows[first:last])
+            products.accumulate_grad_weight(grad_weight, dz[first:last], chunk_rows[first:last], alpha=1.0 / scale,
+                                            accumulate=grad_weight_written)
+            grad_weight_written = True
         if grad_bias is not None:
-            grad_bias += dz[first:last].sum(0, dtype=result_dtype)
+            grad_bias.add_(dz[first:last].sum(0, dtype=result_dtype), alpha=1.0 / scale)
 
     grad_inputs = [None, None]  # (hidden, hidden_masked)
     for i, grad in zip(pass_inputs, grad_sources):
         grad_inputs[i] = grad
     grad_hidden, grad_hidden_masked = grad_inputs
+    if grad_weight is not None and not grad_weight_written:  # no tokens
+        grad_weight.zero_()
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None:

@@ -3,7 +3,8 @@
 On CUDA tensors it runs the chunked design of ``head_chunks.py`` with the torch epilogue: per chunk of tokens the
 library product ``[h; h~] W^T`` over the whole vocabulary, the epilogue's statistics and dZ, and the library
 products of the gradients (one float32 copy of a half weight would not fit the CPU's budget; the CUDA products
-take half inputs as they are). Elsewhere, what follows.
+take half inputs as they are), in chunks sized by ``temporary_bytes`` when given, else by the fast path's
+workspace policy. Elsewhere, what follows.
 
 For machines without Triton (CPUs, macOS). The logits z = (h @ W.T + b) / tau are
 built one (rows x vocabulary) block at a time; per row an online softmax keeps the
@@ -16,7 +17,7 @@ Keeping t and u relative to the running maxima avoids the cancellation of
 ``lse - sum_v p_v z_v`` when logits are large. The backward recomputes each block
 from the saved logsumexps and forms dz with the gradient table of PAPO_SPEC.md;
 autograd never sees a block. All temporaries together stay under
-``temporary_bytes`` (256 MiB by default) whatever N and V are; the gradients
+``temporary_bytes`` (256 MiB when None) whatever N and V are; the gradients
 themselves are outputs, and for float16/bfloat16 inputs the gradient of the
 hidden states is accumulated in a float32 buffer of its size.
 """
@@ -295,25 +296,27 @@ class ChunkedLinearPerceptionKLFunction(torch.autograd.Function):
 
 def linear_logprobs(
     hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
-    *, temporary_bytes: int = DEFAULT_TEMPORARY_BYTES,
+    *, temporary_bytes: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Same as ``reference.linear_logprobs``, chunked so that temporaries stay under ``temporary_bytes``."""
+    """Same as ``reference.linear_logprobs``, chunked so that temporaries stay under ``temporary_bytes`` (None: the
+    workspace policy on CUDA, 256 MiB elsewhere)."""
     if hidden.device.type == "cuda":
-        options = head_chunks.HeadOptions(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
+        options = head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
         return head_chunks.linear_logprobs(hidden, weight, tokens, bias, options)
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
-                            temporary_bytes)
+                            DEFAULT_TEMPORARY_BYTES if temporary_bytes is None else temporary_bytes)
     return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, tokens, options)
 
 
 def linear_perception_kl(
     hidden: Tensor, hidden_masked: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
-    *, temporary_bytes: int = DEFAULT_TEMPORARY_BYTES,
+    *, temporary_bytes: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Same as ``reference.linear_perception_kl``, chunked so that temporaries stay under ``temporary_bytes``."""
+    """Same as ``reference.linear_perception_kl``, chunked so that temporaries stay under ``temporary_bytes`` (None:
+    the workspace policy on CUDA, 256 MiB elsewhere)."""
     if hidden.device.type == "cuda":
-        options = head_chunks.HeadOptions(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
+        options = head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
         return head_chunks.linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, options)
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
-                            temporary_bytes)
+                            DEFAULT_TEMPORARY_BYTES if temporary_bytes is None else temporary_bytes)
     return ChunkedLinearPerceptionKLFunction.apply(hidden, hidden_masked, weight, bias, tokens, options)

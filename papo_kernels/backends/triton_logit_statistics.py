@@ -426,14 +426,14 @@ def _head_chunk_statistics(weight: Tensor, products: MatrixProducts, hidden_rows
     return head_statistics(hidden_rows, hidden_masked_rows, weight, bias, tokens, temperature, logits, shift)
 
 
-def _forward_tokens(n: int, vocab_size: int, dim: int, paired: bool, dtype: torch.dtype, budget: int) -> int:
-    """Tokens per forward chunk: as many as the partials of the budget hold."""
-    return max(1, min(n, budget // partials_bytes_per_token(vocab_size, paired, dtype)))
+def _forward_bytes_per_token(vocab_size: int, dim: int, paired: bool, dtype: torch.dtype) -> int:
+    """The forward's workspace per token: its partials."""
+    return partials_bytes_per_token(vocab_size, paired, dtype)
 
 
 # The per-token ops' head on Triton: the statistics by the GEMM above, dZ by the fast path's Triton epilogue. The
 # backward shifts each row by its maximum m from the forward: the stored z - m is exact near the maximum and
 # lse - m = log s is small, so that log p = (z - m) - log s keeps float32's precision where p is large (z - lse at
 # |z| ~ 10 would lose 4 bits there, in dz and every gradient).
-TRITON_HEAD = ChunkedHead("triton", _head_chunk_statistics, triton_epilogue, _forward_tokens,
+TRITON_HEAD = ChunkedHead("triton", _head_chunk_statistics, triton_epilogue, _forward_bytes_per_token,
                           forward_needs_logits=False, scaled_logits=True)

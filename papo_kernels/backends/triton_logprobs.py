@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from .head_chunks import HeadOptions
+from .head_chunks import head_options
 from .head_chunks import linear_logprobs as chunked_linear_logprobs
 from .triton_logit_statistics import TRITON_HEAD
 from .triton_perception_kl import check_triton_dtype
@@ -16,4 +16,4 @@ def linear_logprobs(
 ) -> Tuple[Tensor, Tensor]:
     """Same as ``reference.linear_logprobs``; the forward never stores the logits."""
     check_triton_dtype(hidden)
-    return chunked_linear_logprobs(hidden, weight, tokens, bias, HeadOptions(TRITON_HEAD, float(temperature)))
+    return chunked_linear_logprobs(hidden, weight, tokens, bias, head_options(TRITON_HEAD, temperature))

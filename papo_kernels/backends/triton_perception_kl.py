@@ -13,7 +13,7 @@ from torch import Tensor
 from triton import knobs
 
 from . import TRITON_DTYPES
-from .head_chunks import HeadOptions
+from .head_chunks import head_options
 from .head_chunks import linear_perception_kl as chunked_linear_perception_kl
 from .triton_logit_statistics import TRITON_HEAD
 
@@ -38,4 +38,4 @@ def linear_perception_kl(
     """Same as ``reference.linear_perception_kl``; the forward never stores the logits."""
     check_triton_dtype(hidden)
     return chunked_linear_perception_kl(hidden, hidden_masked, weight, tokens, bias,
-                                        HeadOptions(TRITON_HEAD, float(temperature)))
+                                        head_options(TRITON_HEAD, temperature))
