@@ -21,7 +21,9 @@ Parts, in the order they run (benchmarks/NOTES.md, "GPU"):
    statistics sweep with one vocabulary split and split over V, the logits' error against float64),
    then stage by stage for workspace budgets of 256 MiB to 2 GiB and the default policy, with dW by
    addmm and by the reduce-add kernel;
-5. vocab_parallel (``vocab_parallel.py``): papo_loss over a vocabulary-parallel head in two gloo
+5. logit statistics (``logit_statistics.py``): the statistics GEMM at the same shape, its forward-only log-probs
+   and its use as the fast path's logits product, beside the same-run head product (a table in the summary);
+6. vocab_parallel (``vocab_parallel.py``): papo_loss over a vocabulary-parallel head in two gloo
    processes on the CPU (one device holds no group of ranks), float64 at a tiny size, against the
    single-rank call (every difference at most 1e-10), with what its collectives carried.
 
@@ -46,16 +48,16 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import correctness, environment, run, stages, vocab_parallel
+from . import correctness, environment, logit_statistics, run, stages, vocab_parallel
 from .implementations import Shape, implementations
 
-PARTS = {"all": ("correctness", "sweep", "stages", "vocab_parallel"),
+PARTS = {"all": ("correctness", "sweep", "stages", "logit_statistics", "vocab_parallel"),
          "check": ("correctness", "stages", "vocab_parallel"), "sweep": ("sweep",), "correctness": ("correctness",),
-         "stages": ("stages",), "vocab_parallel": ("vocab_parallel",)}
+         "stages": ("stages",), "logit_statistics": ("logit_statistics",), "vocab_parallel": ("vocab_parallel",)}
 # Each part's share of the time limit: a part may start new work until its share of what is left runs out, and
-# time a part leaves unused passes to the parts after it. One device call holds all three (a task's device time
+# time a part leaves unused passes to the parts after it. One device call holds every part (a task's device time
 # is 15 minutes, a machine's start included), so no part can starve the headline sweep.
-PART_SHARES = {"correctness": 3, "sweep": 4, "stages": 2, "vocab_parallel": 1}
+PART_SHARES = {"correctness": 3, "sweep": 4, "stages": 2, "logit_statistics": 1, "vocab_parallel": 1}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PAIRS = (("papo_loss", "full"), ("logprobs", "forward"))
 HEADS = {"Qwen2.5-VL-3B": (2048, 151936), "Qwen2.5-VL-7B": (3584, 152064)}
@@ -224,6 +226,12 @@ def sweep_part(context: Context) -> List[str]:
     return sweep_section(rows, n, sweep.heads[head])
 
 
+def logit_statistics_part(context: Context) -> List[str]:
+    timer = stages.Timer(context.device, *STAGE_REPS[context.device.type])
+    rows = logit_statistics.run_rows(context.device, context.args.tiny, timer, context.deadline, log)
+    return logit_statistics.section(rows)
+
+
 VOCAB_PARALLEL_TOLERANCE = 1e-10  # float64: the group's loss and gradients against the single-rank call's
 
 
@@ -241,7 +249,7 @@ def vocab_parallel_part(context: Context) -> List[str]:
 
 
 PART_RUNS = {"correctness": correctness_part, "stages": stages_part, "sweep": sweep_part,
-             "vocab_parallel": vocab_parallel_part}
+             "logit_statistics": logit_statistics_part, "vocab_parallel": vocab_parallel_part}
 
 
 def part_deadline(now: float, deadline: float, remaining_parts: Sequence[str]) -> float:

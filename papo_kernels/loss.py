@@ -390,6 +390,8 @@ def papo_loss(
             on CUDA min(4 GiB, 10% of free memory), since each chunk re-reads the float32 weight
             gradient and fewer chunks are faster; on the CPU 256 MiB.
             ``papo_kernels.fast_path.LOW_MEMORY_WORKSPACE_BYTES`` (256 MiB) is the low-memory setting.
+            The per-token path's chunked backends always run at that default (README, "Backends of the
+            per-token ops").
         vocab_parallel_group: a ``torch.distributed`` process group over whose ranks the head is
             split by vocabulary rows (Megatron-style tensor parallelism); None (the default) for a
             whole head. Then ``weight`` (and ``bias``) are this rank's contiguous block of rows, in

@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence, Set
 
 import torch
 
-from papo_kernels.backends import reference, resolve_backend, torch_chunked
+from papo_kernels.backends import head_chunks, reference, resolve_backend, torch_chunked
 
 PAIRED_OUTPUTS = ("logprobs", "logprobs_masked", "entropy", "entropy_masked", "kl")
 SINGLE_OUTPUTS = ("logprobs", "entropy")
@@ -60,6 +60,13 @@ def backend_functions(backend: str, temporary_bytes: int = SMALL_TEMPORARY_BYTES
     if backend == "torch":
         return (functools.partial(torch_chunked.linear_logprobs, temporary_bytes=temporary_bytes),
                 functools.partial(torch_chunked.linear_perception_kl, temporary_bytes=temporary_bytes))
+    if backend == "head_chunks":  # the torch backend's design on CUDA (library products, torch epilogue), anywhere
+
+        def options(temperature):
+            return head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
+
+        return (lambda h, w, t, b, tau: head_chunks.linear_logprobs(h, w, t, b, options(tau)),
+                lambda h, hm, w, t, b, tau: head_chunks.linear_perception_kl(h, hm, w, t, b, options(tau)))
     module = resolve_backend(backend, triton_device(), torch.float32)
     return module.linear_logprobs, module.linear_perception_kl
 

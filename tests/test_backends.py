@@ -1,11 +1,13 @@
 """The torch and triton backends against the reference: values, gradients, gradient subsets, registry.
 
-The torch backend runs in float64 against the float64 reference (same math, other order of
-summation: tight tolerances), with a temporaries budget that forces many row and vocabulary
-chunks. The triton backend runs in float32 (the interpreter on CPU) and is held to the
-error-budget rule against the float64 truth, the yardstick being the reference in float32.
+The torch backend runs in float64 against the float64 reference (same math, other order of summation: tight
+tolerances), with a temporaries budget that forces many row and vocabulary chunks; so does its design on CUDA
+("head_chunks": library products by chunks of tokens and the fast path's torch epilogue), run here on the CPU. The
+triton backend runs in float32 (the interpreter on CPU) and is held to the error-budget rule against the float64
+truth, the yardstick being the reference in float32.
 """
 
+import functools
 import itertools
 
 import pytest
@@ -30,8 +32,8 @@ F64_RTOL, F64_ATOL = 1e-10, 1e-10
 BUDGET_FACTOR, F32_ATOL = 4.0, 4e-7
 
 
-def check_torch_against_reference(op, inputs, temperature, upstream, requires_grad=None):
-    values, grads = run_op("torch", op, inputs, temperature, upstream, requires_grad)
+def check_float64_against_reference(backend, op, inputs, temperature, upstream, requires_grad=None):
+    values, grads = run_op(backend, op, inputs, temperature, upstream, requires_grad)
     ref_values, ref_grads = run_op("reference", op, inputs, temperature, upstream, requires_grad)
     for name in ref_values:
         assert_close(name, values[name], ref_values[name], rtol=F64_RTOL, atol=F64_ATOL)
@@ -55,10 +57,13 @@ def check_triton_against_reference(op, inputs, temperature, upstream, requires_g
     return grads
 
 
-CHECKS = {"torch": check_torch_against_reference, "triton": check_triton_against_reference}
+# "head_chunks": the torch backend's design on CUDA (library products by chunks of tokens, the torch epilogue)
+CHECKS = {"torch": functools.partial(check_float64_against_reference, "torch"),
+          "head_chunks": functools.partial(check_float64_against_reference, "head_chunks"),
+          "triton": check_triton_against_reference}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "head_chunks", "triton"])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
@@ -77,7 +82,7 @@ SUBSET_CASES = [("perception_kl", s) for s in nonempty_subsets(PAIRED_OUTPUTS)] 
     ("logprobs", s) for s in nonempty_subsets(OUTPUTS["logprobs"])]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "head_chunks", "triton"])
 @pytest.mark.parametrize("op,differentiated", SUBSET_CASES, ids=lambda x: "+".join(x) if isinstance(x, tuple) else x)
 def test_every_subset_of_differentiated_outputs(backend, op, differentiated):
     """Upstream gradients for some outputs only (None for the rest): gradients still match, and an
@@ -91,7 +96,7 @@ REQUIRES_GRAD_CASES = [("hidden",), ("weight",), ("bias",), ("hidden_masked",), 
                        ("hidden", "hidden_masked")]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "head_chunks", "triton"])
 @pytest.mark.parametrize("requires_grad", REQUIRES_GRAD_CASES, ids="+".join)
 def test_inputs_without_requires_grad_get_none(backend, requires_grad):
     n, v, d = 20, 97, 17
@@ -191,7 +196,7 @@ def test_public_ops_with_batch_dims_and_strided_views(backend):
         assert_close(name, a.cpu().double(), e.cpu().double(), rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "head_chunks", "triton"])
 def test_empty_batch(backend):
     inputs = make_inputs(0, 30, 16, bias=True)
     grads = CHECKS[backend]("perception_kl", inputs, 1.0, upstream_gradients(0, "perception_kl", PAIRED_OUTPUTS))

@@ -18,7 +18,8 @@ import torch
 import papo_kernels.loss
 from papo_kernels import papo_loss
 from papo_kernels.fast_path import FastPathOptions
-from papo_kernels.fast_path.chunk_loop import bytes_per_token, dz_scale
+from papo_kernels.fast_path.chunk_loop import bytes_per_token
+from papo_kernels.fast_path.half_dz import dz_scale
 from papo_kernels.fast_path.epilogues.contract import UpstreamGradients
 
 from backend_cases import assert_within_budget, triton_device

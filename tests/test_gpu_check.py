@@ -163,6 +163,17 @@ def test_each_part_gets_its_share_of_the_time_left():
     assert gpu_check.part_deadline(200.0, 100.0 + total, parts[-1:]) == 200.0  # past the limit: no new work
 
 
+def test_summary_has_the_statistics_gemm_rows(tiny_run):
+    out, _ = tiny_run
+    summary = (out / "summary.md").read_text()
+    assert "## Statistics GEMM" in summary
+    table = summary.split("## Statistics GEMM", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| row", "| ---"))]
+    assert {line.split(" | ")[0].removeprefix("| ") for line in rows} == set(
+        ("head product", "log-probs forward", "pair forward", "fast-path logits, fused", "fast-path logits, now"))
+    assert all(line.rstrip().endswith("| ok |") for line in rows), rows
+
+
 def test_cpu_mode_needs_tiny(capsys):
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main(["--cpu", "--out", "unused"])

@@ -3,6 +3,7 @@
 The interpreter has no TMA reduce-add, so it runs the kernel's pointer fallback: the same
 persistent loop over output tiles (three programs here, so each does several tiles), the same
 K loop and epilogue, with the accumulator tile loaded, added and stored by its one program.
+The flag reaches the fast path's chunk loop and the per-token ops' chunked backward alike.
 The TMA variant compiles for sm_90 in tests/test_fast_path_compile.py; its run is a GPU check.
 """
 
@@ -13,7 +14,7 @@ from papo_kernels import papo_loss
 from papo_kernels.fast_path import grad_weight
 from papo_kernels.fast_path.grad_weight import GRAD_WEIGHT_VARIABLE, resolve_grad_weight_kernel
 
-from backend_cases import assert_close
+from backend_cases import OUTPUTS, assert_close, cast, make_inputs, run_op, upstream_gradients
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,28 @@ def test_the_chunk_loop_with_the_flag_gives_the_addmm_gradients(monkeypatch):
     got = _loss_gradients()
     for name, value in want.items():
         assert_close(f"grad of {name}", got[name], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["head_chunks", "triton"], ids=["torch_head", "triton_head"])
+def test_the_per_token_ops_with_the_flag_run_the_kernel_and_give_the_addmm_gradients(backend, kernel, monkeypatch):
+    """The per-token ops' chunked backward takes its dW product from the fast path's MatrixProducts, flag included."""
+    n, v, d = 19, 48, 16
+    inputs = cast(make_inputs(n, v, d, bias=True, seed=4), torch.float32)
+    upstream = upstream_gradients(n, "perception_kl", OUTPUTS["perception_kl"])
+    want = run_op(backend, "perception_kl", inputs, 0.8, upstream, temporary_bytes=4000)[1]
+    calls, launch = [], kernel.accumulate_grad_weight
+
+    def counted(grad_weight, dz, rows, alpha=1.0, accumulate=True):
+        calls.append(accumulate)
+        launch(grad_weight, dz, rows, alpha, accumulate)
+
+    monkeypatch.setattr(kernel, "accumulate_grad_weight", counted)
+    monkeypatch.setenv(GRAD_WEIGHT_VARIABLE, "reduce_add")
+    got = run_op(backend, "perception_kl", inputs, 0.8, upstream, temporary_bytes=4000)[1]
+    # the first chunk writes the accumulator, the later ones add to it (the torch head's budget makes several)
+    assert calls[0] is False and all(calls[1:]) and len(calls) >= (2 if backend == "head_chunks" else 1), calls
+    for name, value in want.items():
+        assert_close(f"grad of {name}", got[name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_the_flag_is_checked_and_falls_back_to_addmm_with_one_warning(monkeypatch):

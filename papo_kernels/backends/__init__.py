@@ -6,14 +6,17 @@ Each backend module provides the same two functions on flattened inputs,
 see ``reference.py`` for the semantics.
 
 - ``reference``: materialises the logits; the one copy tests compare against.
-- ``torch``: chunked plain PyTorch with bounded temporaries; runs anywhere.
-- ``triton``: fused Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+- ``torch``: chunked plain PyTorch with bounded temporaries; runs anywhere (on CUDA, the chunked library products
+  of ``head_chunks.py`` with the fast path's torch epilogue).
+- ``triton``: the statistics GEMM of ``triton_logit_statistics.py`` forward, the chunked library products with the
+  fast path's Triton epilogue backward; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 - ``auto``: ``triton`` for CUDA tensors when Triton imports (``torch`` for float64 ones, and with one warning
   where Triton does not import), ``torch`` elsewhere.
 
 Over a vocabulary-parallel head (``sharded``) the ``reference`` and ``torch`` backends run, each with a
-``shard`` argument (``papo_kernels/vocab_parallel.py``); ``auto`` is ``torch`` there (with one warning on CUDA,
-where the fused Triton kernels have no vocabulary-parallel form yet).
+``shard`` argument (``papo_kernels/vocab_parallel.py``), ``torch`` by its online-softmax chunks on every device;
+``auto`` is ``torch`` there (with one warning on CUDA, where the Triton backend and ``head_chunks.py`` have no
+vocabulary-parallel form yet).
 
 Triton is imported only when the ``triton`` backend is asked for, never at package import.
 """
@@ -27,12 +30,9 @@ from typing import Union
 import torch
 
 from .._checks import check_choice
-from . import reference, torch_chunked
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 SHARDED_BACKENDS = ("auto", "reference", "torch")  # over a vocabulary-parallel head
-
-_MODULES = {"reference": reference, "torch": torch_chunked}
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 goes to the torch backend
 
@@ -76,6 +76,13 @@ def _triton_interpreted() -> bool:
     return bool(knobs.runtime.interpret)
 
 
+# Imported after the helpers above: the torch backend's CUDA path runs on the fast path's pieces, whose epilogue
+# registry imports those helpers from this package.
+from . import reference, torch_chunked  # noqa: E402
+
+_MODULES = {"reference": reference, "torch": torch_chunked}
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_backend() -> SimpleNamespace:
     from . import triton_logprobs, triton_perception_kl
@@ -89,7 +96,7 @@ def _triton_backend() -> SimpleNamespace:
 @functools.lru_cache(maxsize=None)
 def _warn_sharded_on_cuda() -> None:
     warnings.warn("papo_kernels: over a vocabulary-parallel head (vocab_parallel_group) the LM-head ops run the "
-                  "plain torch code (backend='auto' -> 'torch'): the fused Triton kernels have no vocabulary-parallel "
+                  "plain torch code (backend='auto' -> 'torch'): the Triton backend has no vocabulary-parallel "
                   "form yet; papo_loss's fast path has one", RuntimeWarning, stacklevel=4)
 
 

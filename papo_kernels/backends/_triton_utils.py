@@ -1,10 +1,20 @@
-"""Shared pieces of the Triton backend: jit helpers for the inner loops, block configs, dtype rules.
+"""Shared pieces of the Triton kernels: how a launcher picks its config, jit helpers for the inner loops, dtype rules.
 
-Imported only when the ``triton`` backend is asked for (see ``backends/__init__.py``).
+Imported only when a Triton path is asked for (see ``backends/__init__.py``).
+
+Launch configs. Every launcher of the package picks its block sizes, warps and pipeline stages with
+``launch_config(CONFIGS, device)``, from a ``KernelConfigs`` table: one ``LaunchConfig`` per CUDA device class
+(compute capability major), a fallback for other classes, and one for the interpreter. That call is the one place
+where the device's capability is read, so ``forced_capability(major)`` (a context) makes every launcher within it
+launch as it would on a device of that class, even on the CPU under the interpreter: the compile-limits test
+(tests/test_triton_compile.py) drives the public entry points that way, records every launch and compiles each one
+for sm_80 and sm_90. A kernel added later joins that check by picking its config through ``launch_config``.
 """
 
+import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, Optional
 
 import torch
 import triton
@@ -13,98 +23,87 @@ from triton import knobs
 
 
 @dataclass(frozen=True)
-class BlockConfig:
-    block_n: int
-    block_v: int
-    block_d: int
+class LaunchConfig:
+    """A kernel's block sizes (constexpr keyword arguments) with its warps and pipeline stages."""
+
+    blocks: Dict[str, int] = field(hash=False)
     num_warps: int
     num_stages: int
 
-
-# The interpreter runs programs one by one on the CPU: one small config that still has
-# tails in N, V and D at test shapes (tl.dot needs every block dim >= 16).
-INTERPRETER_CONFIG = BlockConfig(block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1)
-# Per device class (CUDA compute capability major). Starting points sized for the register
-# file of each class; not yet measured on hardware (no GPU was available when they were set).
-DEVICE_CONFIGS = {
-    9: BlockConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3),
-    8: BlockConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=2),
-}
-FALLBACK_CONFIG = BlockConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2)
+    def launch_kwargs(self) -> dict:
+        return dict(self.blocks, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def block_config(device: torch.device) -> BlockConfig:
+@dataclass(frozen=True)
+class KernelConfigs:
+    """One ``LaunchConfig`` per CUDA capability major, a fallback for the others, and one for the interpreter."""
+
+    by_capability: Dict[int, LaunchConfig] = field(hash=False)
+    fallback: LaunchConfig
+    interpreter: LaunchConfig
+
+    def for_capability(self, major: int) -> LaunchConfig:
+        return self.by_capability.get(major, self.fallback)
+
+
+_forced_capability: Optional[int] = None
+
+
+@contextlib.contextmanager
+def forced_capability(major: int) -> Iterator[None]:
+    """Within: ``launch_config`` answers as for a CUDA device of compute capability ``major`` (interpreter too)."""
+    global _forced_capability
+    previous, _forced_capability = _forced_capability, major
+    try:
+        yield
+    finally:
+        _forced_capability = previous
+
+
+def capability(device: torch.device) -> Optional[int]:
+    """The CUDA capability major the launchers size their kernels for: the forced one, else None under the
+    interpreter, else the device's."""
+    if _forced_capability is not None:
+        return _forced_capability
     if knobs.runtime.interpret:
-        return INTERPRETER_CONFIG
-    return _cuda_config(device.index if device.index is not None else torch.cuda.current_device())
+        return None
+    return _device_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_config(device_index: int) -> BlockConfig:
-    major, _ = torch.cuda.get_device_capability(device_index)
-    return DEVICE_CONFIGS.get(major, FALLBACK_CONFIG)
+def _device_capability(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
-def dot_precisions(dtype: torch.dtype):
-    """(logits, gradients) input precisions of tl.dot.
+def launch_config(configs: KernelConfigs, device: torch.device) -> LaunchConfig:
+    """The config a launcher uses for a kernel on ``device`` (see the module's docstring)."""
+    major = capability(device)
+    return configs.interpreter if major is None else configs.for_capability(major)
 
-    float32 inputs: exact fp32 products ("ieee"), not tf32, so that logits and gradients are
-    as accurate as torch's float32 matmul (whose default is not tf32).
-    Half inputs: logit tiles multiply in their own dtype (the precision setting applies to
-    fp32 operands only). Gradients: dz is float32 and the half operand tiles are upcast; their
-    values are exact in tf32, so "tf32" rounds only dz (to 11 significant bits, against 8 for
-    a bf16 cast of dz).
-    """
-    if dtype == torch.float32:
-        return "ieee", "ieee"
-    return "tf32", "tf32"
+
+def multiprocessors(device: torch.device) -> int:
+    """How many programs a persistent kernel launches: the device's SM count; 4 on the interpreter or a forced
+    capability, so that the persistent loop still takes several steps at test shapes."""
+    if _forced_capability is not None or knobs.runtime.interpret:
+        return 4
+    return _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def logit_dot_precision(dtype: torch.dtype) -> str:
+    """The input precision of the logits' tl.dot: exact fp32 products ("ieee", not tf32) for float32 inputs, as
+    accurate as torch's float32 matmul (whose default is not tf32); half inputs multiply in their own dtype (the
+    setting applies to fp32 operands only)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     """The kernels take a row stride and need unit stride along the last dimension."""
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
-
-
-@triton.jit
-def logit_tiles(
-    # pointers
-    hidden_ptr, hidden_masked_ptr, weight_ptr, bias_ptr,
-    # row and vocabulary indices (int64) of the tile and their masks
-    rows, cols, row_ok, col_ok,
-    # sizes and strides
-    dim, stride_hidden, stride_hidden_masked, stride_weight,
-    # runtime scalars
-    temperature,
-    # constexpr flags
-    HAS_BIAS: tl.constexpr, CLEAN: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    # block sizes
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """z = (h W^T + b) / tau and z~ likewise, one (BLOCK_N, BLOCK_V) tile each, fp32.
-
-    Each weight tile is loaded once for both passes. A pass that is off returns zeros.
-    Masked rows and columns hold finite values (the bias, or 0); callers mask them.
-    """
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    acc_masked = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d_start in range(0, dim, BLOCK_D):
-        ds = d_start + tl.arange(0, BLOCK_D)
-        d_ok = ds < dim
-        w = tl.load(weight_ptr + cols[:, None] * stride_weight + ds[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if CLEAN:
-            h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + ds[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if MASKED:
-            h_masked = tl.load(hidden_masked_ptr + rows[:, None] * stride_hidden_masked + ds[None, :],
-                               mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            acc_masked = tl.dot(h_masked, tl.trans(w), acc_masked, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        acc += b[None, :]
-        acc_masked += b[None, :]
-    return acc / temperature, acc_masked / temperature
 
 
 @triton.jit

@@ -1,5 +1,12 @@
 """The torch backend: the fused computation in plain PyTorch, chunked over vocabulary and rows.
 
+On CUDA tensors of a whole head it runs the chunked design of ``head_chunks.py`` with the torch epilogue: per chunk of tokens the
+library product ``[h; h~] W^T`` over the whole vocabulary, the epilogue's statistics and dZ, and the library
+products of the gradients (one float32 copy of a half weight would not fit the CPU's budget; the CUDA products
+take half inputs as they are), in chunks sized by ``temporary_bytes`` when given, else by the fast path's
+workspace policy. Elsewhere, and over a vocabulary-parallel head on any device (``head_chunks`` has no
+vocabulary-parallel form yet), what follows.
+
 For machines without Triton (CPUs, macOS). The logits z = (h @ W.T + b) / tau are
 built one (rows x vocabulary) block at a time; per row an online softmax keeps the
 running max m, s = sum_v exp(z_v - m) and t = sum_v exp(z_v - m) (z_v - m), and for
@@ -11,7 +18,7 @@ Keeping t and u relative to the running maxima avoids the cancellation of
 ``lse - sum_v p_v z_v`` when logits are large. The backward recomputes each block
 from the saved logsumexps and forms dz with the gradient table of PAPO_SPEC.md;
 autograd never sees a block. All temporaries together stay under
-``temporary_bytes`` (256 MiB by default) whatever N and V are; the gradients
+``temporary_bytes`` (256 MiB when None) whatever N and V are; the gradients
 themselves are outputs, and for float16/bfloat16 inputs the gradient of the
 hidden states is accumulated in a float32 buffer of its size.
 
@@ -31,6 +38,8 @@ from torch import Tensor
 from .. import partials
 from .._guards import fused_backward
 from ..vocab_parallel import VocabShard, all_reduce_partials
+from . import head_chunks
+from .head_chunks import GradientPlan
 from .reference import compute_dtype
 
 DEFAULT_TEMPORARY_BYTES = 256 * 2**20
@@ -169,27 +178,6 @@ def _sharded_statistics(clean: _OnlineSoftmax, token_logit: Tensor, masked: Opti
                    clean.shifted - cross + (clean.max - masked.max) * clean.sum]
     statistics = partials.finalize(all_reduce_partials(torch.stack(fields), shard), masked is not None)
     return statistics[:3], (statistics[3:] if masked is not None else None)
-
-
-@dataclass(frozen=True)
-class GradientPlan:
-    """Which dz each pass needs, from the upstream gradients present and the inputs that want a gradient."""
-
-    clean_dz: bool
-    masked_dz: bool
-    clean_logits: bool
-    masked_logits: bool
-
-    @classmethod
-    def make(cls, grads, needs_hidden, needs_hidden_masked, needs_head) -> "GradientPlan":
-        """grads: (g_l, g_l~, g_H, g_H~, g_KL), None where absent; needs_head: weight or bias wants a gradient."""
-        logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad = grads
-        has_kl = kl_grad is not None
-        clean_dz = (logprob_grad is not None or entropy_grad is not None or has_kl) and (needs_hidden or needs_head)
-        masked_dz = (logprob_masked_grad is not None or entropy_masked_grad is not None or has_kl) and (
-            needs_hidden_masked or needs_head)
-        # the KL terms couple the passes: dz needs log q, dz~ needs p
-        return cls(clean_dz, masked_dz, clean_dz or (masked_dz and has_kl), masked_dz or (clean_dz and has_kl))
 
 
 def _clean_dz(log_p, p, log_q, tokens, start, logprob_grad, entropy_grad, kl_grad, entropy, kl) -> Tensor:
@@ -334,19 +322,27 @@ class ChunkedLinearPerceptionKLFunction(torch.autograd.Function):
 
 def linear_logprobs(
     hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
-    shard: Optional[VocabShard] = None, *, temporary_bytes: int = DEFAULT_TEMPORARY_BYTES,
+    shard: Optional[VocabShard] = None, *, temporary_bytes: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Same as ``reference.linear_logprobs``, chunked so that temporaries stay under ``temporary_bytes``."""
+    """Same as ``reference.linear_logprobs``, chunked so that temporaries stay under ``temporary_bytes`` (None: the
+    workspace policy on CUDA, 256 MiB elsewhere)."""
+    if hidden.device.type == "cuda" and shard is None:
+        options = head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
+        return head_chunks.linear_logprobs(hidden, weight, tokens, bias, options)
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
-                            temporary_bytes, shard)
+                            DEFAULT_TEMPORARY_BYTES if temporary_bytes is None else temporary_bytes, shard)
     return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, tokens, options)
 
 
 def linear_perception_kl(
     hidden: Tensor, hidden_masked: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
-    shard: Optional[VocabShard] = None, *, temporary_bytes: int = DEFAULT_TEMPORARY_BYTES,
+    shard: Optional[VocabShard] = None, *, temporary_bytes: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Same as ``reference.linear_perception_kl``, chunked so that temporaries stay under ``temporary_bytes``."""
+    """Same as ``reference.linear_perception_kl``, chunked so that temporaries stay under ``temporary_bytes`` (None:
+    the workspace policy on CUDA, 256 MiB elsewhere)."""
+    if hidden.device.type == "cuda" and shard is None:
+        options = head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
+        return head_chunks.linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, options)
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
-                            temporary_bytes, shard)
+                            DEFAULT_TEMPORARY_BYTES if temporary_bytes is None else temporary_bytes, shard)
     return ChunkedLinearPerceptionKLFunction.apply(hidden, hidden_masked, weight, bias, tokens, options)

@@ -24,13 +24,9 @@ Numerics:
 
 - the loss is the sum of the chunks' totals in float64 (each total a float32 sum of its tokens),
   so its rounding does not grow with the number of chunks;
-- a float16 dZ would underflow: its entries carry the aggregation weight (1/N for DAPO), and
-  p / N at N = 16384 lies near 1e-9, below float16's smallest subnormal (6e-8). The upstream
-  gradients, in which dZ is linear for every epilogue, are scaled per chunk by a power of two
-  that brings their largest into (1/2, 1] (``dz_scale``) before the epilogue runs, and the
-  products take the inverse as their alpha. Scaling by a power of two is exact. It costs one
-  host sync a chunk (the scale is a host number for the library's alpha), in float16 only;
-  bfloat16 has float32's range and needs none.
+- dZ goes to a half-precision buffer on CUDA, and a float16 dZ is made from upstream gradients
+  scaled per chunk by a power of two, which the products' alpha undoes (``half_dz.py``, shared
+  with the per-token ops' chunked backward).
 
 The dW product is ``addmm`` by default, or the reduce-add kernel (``grad_weight.py``).
 
@@ -41,7 +37,6 @@ chunk size (one all-reduce), and dZ W gives each rank its part of the hidden gra
 caller sums over the ranks in backward (``vocab_parallel.hidden_inputs``).
 """
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
@@ -53,17 +48,16 @@ from ..backends.reference import compute_dtype
 from ..objective import Objective, Statistics, TokenBatch, Terms, token_losses
 from .epilogues.contract import RowStatistics, UpstreamGradients
 from .grad_weight import HALF_DTYPES, resolve_grad_weight_kernel
+from .half_dz import chunk_scale, dz_dtype, scaled
 from .workspace import resolve_workspace_bytes
-
-SCALE_EXPONENT_LIMIT = 126  # dz_scale and its inverse stay normal float32 numbers
 
 
 @dataclass(frozen=True)
 class FastPathOptions:
     temperature: float
     workspace_bytes: Optional[int] = None  # None: the policy of workspace.py
-    # The dtype of the dZ buffer; None: the inputs' half dtype where the library multiplies half inputs into
-    # float32 results (CUDA), else dZ overwrites the float32 logits. Tests set it to run the half-dZ code on CPU.
+    # The dtype of the dZ buffer; None: the rule of half_dz.dz_dtype (a half buffer on CUDA for half inputs, else dZ
+    # overwrites the float32 logits). Tests set it to run the half-dZ code on CPU.
     dz_dtype: Optional[torch.dtype] = None
 
 
@@ -138,27 +132,19 @@ def bytes_per_token(vocab_size: int, dim: int, paired: bool, itemsize: int, half
     return per_token + (passes * vocab_size * 2 if half_dz else 0)
 
 
-def rows_per_chunk(n: int, vocab_size: int, dim: int, paired: bool, itemsize: int, half_dz: bool,
-                   epilogue_bytes_per_token: int, workspace_bytes: int) -> int:
-    """Tokens per chunk: the fewest chunks whose workspace fits ``workspace_bytes``, split evenly (at least 1)."""
-    per_token = bytes_per_token(vocab_size, dim, paired, itemsize, half_dz, epilogue_bytes_per_token)
+def tokens_per_chunk(n: int, per_token: int, workspace_bytes: int) -> int:
+    """Tokens per chunk for ``per_token`` bytes of workspace each: the fewest chunks that fit ``workspace_bytes``,
+    split evenly (at least 1)."""
     most = max(1, min(n, workspace_bytes // per_token))
     chunks = -(-n // most)
     return -(-n // chunks) if n else most
 
 
-def dz_scale(upstream: UpstreamGradients) -> float:
-    """A power of two 2^k that brings the largest upstream gradient of the chunk into (1/2, 1] (1 when they are all
-    zero or not finite); k is bounded so that 2^k and 2^-k are normal float32 numbers. One host sync."""
-    largest = float(torch.stack([g.detach().abs().max() for g in upstream if g is not None and g.numel()]).max())
-    if not math.isfinite(largest) or largest == 0.0:
-        return 1.0
-    exponent = -math.ceil(math.log2(largest))
-    return 2.0 ** max(-SCALE_EXPONENT_LIMIT, min(SCALE_EXPONENT_LIMIT, exponent))
-
-
-def scaled(upstream: UpstreamGradients, scale: float) -> UpstreamGradients:
-    return UpstreamGradients(*(None if g is None else g * scale for g in upstream))
+def rows_per_chunk(n: int, vocab_size: int, dim: int, paired: bool, itemsize: int, half_dz: bool,
+                   epilogue_bytes_per_token: int, workspace_bytes: int) -> int:
+    """Tokens per chunk of the chunk loop: ``tokens_per_chunk`` at ``bytes_per_token``."""
+    per_token = bytes_per_token(vocab_size, dim, paired, itemsize, half_dz, epilogue_bytes_per_token)
+    return tokens_per_chunk(n, per_token, workspace_bytes)
 
 
 def statistics(epilogue, logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float, paired: bool,
@@ -215,8 +201,8 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
     products = MatrixProducts(weight, grad_weight_kernel)
     result_dtype = products.result_dtype
     itemsize = torch.finfo(result_dtype).bits // 8
-    dz_dtype = options.dz_dtype or (weight.dtype if products.native_half else None)
-    half_dz = wants_grad and dz_dtype is not None
+    dz_buffer_dtype = dz_dtype(options.dz_dtype, products.native_half, products.input_dtype)
+    half_dz = wants_grad and dz_buffer_dtype is not None
     epilogue_bytes = epilogue.workspace_bytes_per_token(vocab_size, paired, itemsize)
     workspace_bytes = resolve_workspace_bytes(
         options.workspace_bytes, device, grad_weight_kernel,
@@ -227,8 +213,7 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
         tokens = shard.local_ids(tokens)
     passes = 2 if paired else 1
     logits_buffer = torch.empty(passes * chunk, vocab_size, dtype=result_dtype, device=device)
-    dz_buffer = torch.empty(passes * chunk, vocab_size, dtype=dz_dtype, device=device) if half_dz else None
-    scale_dz = dz_buffer is not None and dz_buffer.dtype == torch.float16
+    dz_buffer = torch.empty(passes * chunk, vocab_size, dtype=dz_buffer_dtype, device=device) if half_dz else None
     grad_rows_buffer = torch.empty(passes * chunk, dim, dtype=hidden.dtype, device=device)
 
     # The hidden gradients are made at the first chunk that sends gradient to their pass: a pass whose
@@ -254,10 +239,10 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
         if upstream is None or not (upstream.clean or upstream.masked):
             continue
         # dz is linear in the upstream gradients: a float16 dz is made from scaled ones, the products unscale
-        scale = dz_scale(upstream) if scale_dz else 1.0
         dz = logits if dz_buffer is None else dz_buffer[:passes * count]
-        epilogue.logit_gradient(logits, tokens[rows], bias, options.temperature, row_stats,
-                                scaled(upstream, scale) if scale != 1.0 else upstream, dz)
+        scale = chunk_scale(upstream, dz.dtype)
+        epilogue.logit_gradient(logits, tokens[rows], bias, options.temperature, row_stats, scaled(upstream, scale),
+                                dz)
         # Rows of a pass without gradient are skipped: [clean rows | masked rows] of dz and chunk_rows.
         first = 0 if upstream.clean else count
         last = passes * count if paired and upstream.masked else count

@@ -180,6 +180,7 @@ def in_a_child_with_capped_memory(function):
     if pid == 0:
         try:
             os.close(read_end)
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive the fork (test_trainer_writes.py)
             resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
             try:
                 result = function()

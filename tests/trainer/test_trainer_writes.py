@@ -29,6 +29,9 @@ def with_file_size_limit(limit: int, function) -> str:
     if pid == 0:
         try:
             os.close(read_end)
+            # The parent's OpenMP thread pool does not survive the fork: a parallel torch op in the child would wait
+            # on it for ever. One thread runs every op inline.
+            torch.set_num_threads(1)
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
             try:
