@@ -22,7 +22,10 @@ Parts, in the order they run (benchmarks/NOTES.md, "GPU"):
    then stage by stage for workspace budgets of 256 MiB to 2 GiB and the default policy, with dW by
    addmm and by the reduce-add kernel;
 5. logit statistics (``logit_statistics.py``): the statistics GEMM at the same shape, its forward-only log-probs
-   and its use as the fast path's logits product, beside the same-run head product (a table in the summary).
+   and its use as the fast path's logits product, beside the same-run head product (a table in the summary);
+6. vocab_parallel (``vocab_parallel.py``): papo_loss over a vocabulary-parallel head in two gloo
+   processes on the CPU (one device holds no group of ranks), float64 at a tiny size, against the
+   single-rank call (every difference at most 1e-10), with what its collectives carried.
 
 Files under ``--out`` (at most 7: the device tool brings back 8, each under 16 MiB):
 ``summary.md``, ``correctness.csv``, ``stages.csv``, the sweep's ``<device>.csv``, ``.md``
@@ -35,6 +38,7 @@ printed last.
 import argparse
 import csv
 import math
+import os
 import sys
 import time
 import traceback
@@ -44,16 +48,16 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import correctness, environment, logit_statistics, run, stages
+from . import correctness, environment, logit_statistics, run, stages, vocab_parallel
 from .implementations import Shape, implementations
 
-PARTS = {"all": ("correctness", "sweep", "stages", "logit_statistics"), "check": ("correctness", "stages"),
-         "sweep": ("sweep",), "correctness": ("correctness",), "stages": ("stages",),
-         "logit_statistics": ("logit_statistics",)}
+PARTS = {"all": ("correctness", "sweep", "stages", "logit_statistics", "vocab_parallel"),
+         "check": ("correctness", "stages", "vocab_parallel"), "sweep": ("sweep",), "correctness": ("correctness",),
+         "stages": ("stages",), "logit_statistics": ("logit_statistics",), "vocab_parallel": ("vocab_parallel",)}
 # Each part's share of the time limit: a part may start new work until its share of what is left runs out, and
 # time a part leaves unused passes to the parts after it. One device call holds every part (a task's device time
 # is 15 minutes, a machine's start included), so no part can starve the headline sweep.
-PART_SHARES = {"correctness": 3, "sweep": 4, "stages": 2, "logit_statistics": 1}
+PART_SHARES = {"correctness": 3, "sweep": 4, "stages": 2, "logit_statistics": 1, "vocab_parallel": 1}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PAIRS = (("papo_loss", "full"), ("logprobs", "forward"))
 HEADS = {"Qwen2.5-VL-3B": (2048, 151936), "Qwen2.5-VL-7B": (3584, 152064)}
@@ -228,8 +232,24 @@ def logit_statistics_part(context: Context) -> List[str]:
     return logit_statistics.section(rows)
 
 
+VOCAB_PARALLEL_TOLERANCE = 1e-10  # float64: the group's loss and gradients against the single-rank call's
+
+
+def vocab_parallel_part(context: Context) -> List[str]:
+    lines = ["## Vocabulary-parallel head (2 gloo processes on the CPU against the single-rank call)", ""]
+    if time.monotonic() > context.deadline:
+        return lines + [run.TIME_LIMIT_NOTE, ""]
+    load = os.getloadavg()
+    rows = vocab_parallel.run(vocab_parallel.TINY_SETUP, (1, 2))
+    worst = max(max(row["loss_error"], row["hidden_grad_error"], row["weight_grad_error"]) for row in rows)
+    verdict = "PASS" if worst <= VOCAB_PARALLEL_TOLERANCE else "FAIL"
+    return lines + vocab_parallel.markdown(vocab_parallel.TINY_SETUP, rows, load) + [
+        "", f"{verdict}: the largest relative difference from the single-rank call is {worst:.1e} "
+        f"(at most {VOCAB_PARALLEL_TOLERANCE:g} passes).", ""]
+
+
 PART_RUNS = {"correctness": correctness_part, "stages": stages_part, "sweep": sweep_part,
-             "logit_statistics": logit_statistics_part}
+             "logit_statistics": logit_statistics_part, "vocab_parallel": vocab_parallel_part}
 
 
 def part_deadline(now: float, deadline: float, remaining_parts: Sequence[str]) -> float:

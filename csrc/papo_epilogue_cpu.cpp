@@ -8,6 +8,10 @@
 //     (7 or 3, C) tensor; the logits are read twice per row (the maxima, then the sums), never written.
 //   epilogue_logit_gradient (out=) and epilogue_logit_gradient_ (over the logits): dz / tau for the
 //     rows of each pass that gets an upstream gradient, one sweep per row pair.
+//   epilogue_row_partials: per token the partial state of a block of a vocabulary-parallel head's columns,
+//     (9 or 4, C) laid out as papo_kernels/partials.py's FIELDS (m, s, t, z_y, then m~, s~, t~, z~_y and the
+//     difference sum w), for the ranks to all-reduce. It and the gradient ops take kNotHere (-1) for a token
+//     whose column another rank holds: its logit is 0 in the partials and its e_y term is left out.
 //
 // Built on first use by papo_kernels/fast_path/epilogues/native_build.py (csrc/README.md).
 
@@ -168,9 +172,11 @@ int64_t rows_per_task(int64_t vocab) {
   return std::max<int64_t>(1, kColumnsPerTask / std::max<int64_t>(1, vocab));
 }
 
-void check_token(int64_t token, int64_t row, int64_t vocab) {
-  TORCH_CHECK(token >= 0 && token < vocab, "papo_kernels epilogue: tokens[", row, "] = ", token,
-              " is outside the vocabulary [0, ", vocab, ")");
+constexpr int64_t kNotHere = -1;  // papo_kernels/partials.py's NOT_HERE
+
+void check_token(int64_t token, int64_t row, int64_t vocab, bool not_here_allowed = false) {
+  TORCH_CHECK((token >= 0 && token < vocab) || (not_here_allowed && token == kNotHere),
+              "papo_kernels epilogue: tokens[", row, "] = ", token, " is outside the vocabulary [0, ", vocab, ")");
 }
 
 // statistics (7 or 3, n): l, H, lse, then l~, H~, lse~, KL when paired.
@@ -194,6 +200,33 @@ void statistics_kernel(const Logits<T>& logits, const int64_t* tokens, int64_t n
         statistics[4 * n + i] = stats_masked.entropy;
         statistics[5 * n + i] = stats_masked.lse;
         statistics[6 * n + i] = pair_kl(max, clean, stats, max_masked, masked, stats_masked);
+      }
+    }
+  });
+}
+
+// partials (9 or 4, n): m, s, t, z_y, then m~, s~, t~, z~_y, w when paired (papo_kernels/partials.py's FIELDS),
+// from the same two reads of each row as the statistics; z_y is 0 where the token is kNotHere.
+template <typename T>
+void partials_kernel(const Logits<T>& logits, const int64_t* tokens, int64_t n, bool paired, T* partials) {
+  at::parallel_for(0, n, rows_per_task(logits.vocab), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t token = tokens[i];
+      check_token(token, i, logits.vocab, /*not_here_allowed=*/true);
+      const T max = logits.max_z(i);
+      const T max_masked = paired ? logits.max_z(n + i) : T(0);
+      RowSums<T> clean, masked;
+      row_sums(logits, i, max, paired ? n + i : -1, max_masked, clean, masked);
+      partials[0 * n + i] = max;
+      partials[1 * n + i] = clean.exp_sum;
+      partials[2 * n + i] = clean.shifted_sum;
+      partials[3 * n + i] = token == kNotHere ? T(0) : logits.template z<T>(i, token);
+      if (paired) {
+        partials[4 * n + i] = max_masked;
+        partials[5 * n + i] = masked.exp_sum;
+        partials[6 * n + i] = masked.shifted_sum;
+        partials[7 * n + i] = token == kNotHere ? T(0) : logits.template z<T>(n + i, token);
+        partials[8 * n + i] = clean.cross_sum;
       }
     }
   });
@@ -229,7 +262,7 @@ void gradient_kernel(const Logits<T>& logits, const int64_t* tokens, int64_t n, 
   at::parallel_for(0, n, rows_per_task(logits.vocab), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t token = tokens[i];
-      check_token(token, i, logits.vocab);
+      check_token(token, i, logits.vocab, /*not_here_allowed=*/true);
       UpstreamGradients<T> g{};
       T* fields[7] = {&g.logprob, &g.entropy, &g.lse, &g.logprob_masked, &g.entropy_masked, &g.lse_masked, &g.kl};
       for (int k = 0; k < 7; ++k) {
@@ -258,6 +291,9 @@ void gradient_kernel(const Logits<T>& logits, const int64_t* tokens, int64_t n, 
           store(masked_out + j, masked_logit_gradient(Ops<V>::exp(log_q), log_q, p, coefficient));
         }
       });
+      if (token == kNotHere) {
+        continue;  // another rank holds the token's column: no e_y term here
+      }
       // the e_y terms: g_l / tau and g_l~ / tau at the token
       if (clean_dz) {
         clean_out[token] += g.logprob * c.inverse_temperature;
@@ -307,20 +343,36 @@ Logits<T> logits_view(const at::Tensor& logits, const std::optional<at::Tensor>&
                    bias.has_value() ? bias->const_data_ptr<T>() : nullptr, static_cast<T>(temperature)};
 }
 
-at::Tensor epilogue_statistics(const at::Tensor& logits, const at::Tensor& tokens,
-                               const std::optional<at::Tensor>& bias, double temperature, bool paired) {
+// The per-token outputs of a chunk's rows: the statistics (7 or 3, C), or with `partials` the partials (9 or 4, C).
+at::Tensor row_outputs(const char* op, const at::Tensor& logits, const at::Tensor& tokens,
+                       const std::optional<at::Tensor>& bias, double temperature, bool paired, bool partials) {
   check_chunk(logits, tokens, bias, temperature);
   const int64_t n = tokens.size(0);
-  TORCH_CHECK(logits.size(0) == (paired ? 2 : 1) * n, "papo_kernels epilogue_statistics: paired=", paired,
-              " needs ", (paired ? 2 : 1) * n, " logits rows for ", n, " tokens, got ", logits.size(0));
+  TORCH_CHECK(logits.size(0) == (paired ? 2 : 1) * n, "papo_kernels ", op, ": paired=", paired, " needs ",
+              (paired ? 2 : 1) * n, " logits rows for ", n, " tokens, got ", logits.size(0));
   const at::Tensor tokens_ = tokens.contiguous();
   const std::optional<at::Tensor> bias_ = token_column(bias, logits, logits.size(1), "bias");
-  at::Tensor statistics = at::empty({paired ? 7 : 3, n}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "epilogue_statistics", [&] {
-    statistics_kernel(logits_view<scalar_t>(logits, bias_, temperature), tokens_.const_data_ptr<int64_t>(), n,
-                      paired, statistics.mutable_data_ptr<scalar_t>());
+  const int64_t fields = partials ? (paired ? 9 : 4) : (paired ? 7 : 3);
+  at::Tensor outputs = at::empty({fields, n}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "epilogue_row_outputs", [&] {
+    const Logits<scalar_t> view = logits_view<scalar_t>(logits, bias_, temperature);
+    if (partials) {
+      partials_kernel(view, tokens_.const_data_ptr<int64_t>(), n, paired, outputs.mutable_data_ptr<scalar_t>());
+    } else {
+      statistics_kernel(view, tokens_.const_data_ptr<int64_t>(), n, paired, outputs.mutable_data_ptr<scalar_t>());
+    }
   });
-  return statistics;
+  return outputs;
+}
+
+at::Tensor epilogue_statistics(const at::Tensor& logits, const at::Tensor& tokens,
+                               const std::optional<at::Tensor>& bias, double temperature, bool paired) {
+  return row_outputs("epilogue_statistics", logits, tokens, bias, temperature, paired, /*partials=*/false);
+}
+
+at::Tensor epilogue_row_partials(const at::Tensor& logits, const at::Tensor& tokens,
+                                 const std::optional<at::Tensor>& bias, double temperature, bool paired) {
+  return row_outputs("epilogue_row_partials", logits, tokens, bias, temperature, paired, /*partials=*/true);
 }
 
 void logit_gradient_into(const at::Tensor& logits, const at::Tensor& tokens, const std::optional<at::Tensor>& bias,
@@ -392,6 +444,8 @@ TORCH_LIBRARY(papo_kernels, m) {
   m.def(
       "epilogue_statistics(Tensor logits, Tensor tokens, Tensor? bias, float temperature, bool paired) -> Tensor");
   m.def(
+      "epilogue_row_partials(Tensor logits, Tensor tokens, Tensor? bias, float temperature, bool paired) -> Tensor");
+  m.def(
       "epilogue_logit_gradient(Tensor logits, Tensor tokens, Tensor? bias, float temperature, Tensor lse, "
       "Tensor entropy, Tensor? lse_masked, Tensor? entropy_masked, Tensor? kl, Tensor? logprobs_grad, "
       "Tensor? entropy_grad, Tensor? lse_grad, Tensor? logprobs_masked_grad, Tensor? entropy_masked_grad, "
@@ -429,6 +483,7 @@ void epilogue_logit_gradient_inplace(const at::Tensor& logits, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(papo_kernels, CPU, m) {
   m.impl("epilogue_statistics", &papo_epilogue::epilogue_statistics);
+  m.impl("epilogue_row_partials", &papo_epilogue::epilogue_row_partials);
   m.impl("epilogue_logit_gradient", &papo_epilogue::logit_gradient_into);
   m.impl("epilogue_logit_gradient_", &papo_epilogue::epilogue_logit_gradient_inplace);
 }

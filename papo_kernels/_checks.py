@@ -179,8 +179,10 @@ def check_token_range(name: str, tokens: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"{name} must hold ids in [0, {vocab_size}) (the vocabulary of weight), got id {bad}")
 
 
-def check_linear_inputs(hidden, weight, tokens, bias, temperature, hidden_masked=None, tokens_name="tokens") -> float:
-    """All checks of the LM-head ops; returns the temperature as a float."""
+def check_linear_inputs(hidden, weight, tokens, bias, temperature, hidden_masked=None, tokens_name="tokens",
+                        check_ids=True) -> float:
+    """All checks of the LM-head ops; returns the temperature as a float. ``check_ids=False`` leaves the ids'
+    range to the caller (a vocabulary-parallel head checks them against the vocabulary of all its ranks)."""
     check_float_tensor("hidden", hidden)
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., D), got a 0-dim tensor")
@@ -191,7 +193,8 @@ def check_linear_inputs(hidden, weight, tokens, bias, temperature, hidden_masked
     check_same_device(hidden=hidden, hidden_masked=hidden_masked, weight=weight, bias=bias, **{tokens_name: tokens})
     check_has_data(hidden=hidden)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
-    check_token_range(tokens_name, tokens, weight.shape[0])
+    if check_ids:
+        check_token_range(tokens_name, tokens, weight.shape[0])
     check_bias_values(bias)
     return temperature
 

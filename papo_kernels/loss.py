@@ -21,6 +21,9 @@ Under ``torch.compile`` papo_loss checks what needs no tensor values while it is
 runs the rest as one opaque custom op (``loss_op.py``), whose kernel is this eager function.
 Under ``torch.func`` transforms only ``path='per_token'`` with ``backend='reference'`` (plain
 autograd) runs; every other choice is a clear error.
+
+Both paths also run over a vocabulary-parallel head (``vocab_parallel_group``, ``vocab_parallel.py``),
+eagerly: under ``torch.compile`` such a call runs outside the graph (``torch.compiler.disable``).
 """
 
 import inspect
@@ -30,7 +33,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_completion_values, check_float_tensor, check_has_data, check_head
+from ._checks import check_bias_values, check_choice, check_completion_values, check_float_tensor, check_has_data
+from ._checks import check_head
 from ._checks import check_hidden_masked
 from ._checks import check_int, check_int_tensor, check_number, check_same_device, check_shape
 from ._checks import check_tensor
@@ -43,6 +47,7 @@ from .objective import ENTROPY_MODES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, PE
 from .objective import Statistics, TokenBatch, Terms, aggregation_weights, token_losses
 from .ops.logprobs import compute_linear_logprobs
 from .ops.perception_kl import compute_linear_perception_kl
+from .vocab_parallel import VocabShard, agree_on_inputs, check_group, check_without_group, hidden_inputs
 
 PATHS = ("auto", "fast", "per_token")
 FLOAT32 = torch.finfo(torch.float32)
@@ -232,32 +237,35 @@ def check_path(h: Dict[str, object]) -> None:
                          f"got backend={h['backend']!r}")
 
 
-def _choose_path(h: Dict[str, object], wants_grad: bool) -> str:
-    """``auto``: the fast path when a gradient is wanted and nothing needs the per-token path, or when the backend
+def _choose_path(h: Dict[str, object], wants_grad: bool, sharded: bool) -> str:
+    """``auto``: the fast path when a gradient is wanted (or the head is vocabulary-parallel, which the per-token
+    ops run on the reference and torch backends only) and nothing needs the per-token path, or when the backend
     is an epilogue the per-token ops do not have (``native``). The settings passed ``check_path``."""
     if h["path"] != "auto":
         return h["path"]
     fast_only = h["backend"] not in BACKENDS
     per_token_only = h["backend"] == "reference" or h["importance_sampling_level"] == "sequence"
-    return "fast" if fast_only or (wants_grad and not per_token_only) else "per_token"
+    return "fast" if fast_only or ((wants_grad or sharded) and not per_token_only) else "per_token"
 
 
 def _per_token_path(hidden, hidden_masked, weight, bias, tokens, batch: TokenBatch, objective: Objective,
-                    temperature: float, backend: str) -> Tuple[Tensor, Terms]:
+                    temperature: float, backend: str, shard: Optional[VocabShard]) -> Tuple[Tensor, Terms]:
     if hidden_masked is not None:
-        paired = compute_linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, temperature, backend)
+        paired = compute_linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, temperature, backend,
+                                              shard)
         stats = Statistics(paired.logprobs, paired.entropy, paired.logprobs_masked, paired.entropy_masked, paired.kl)
     else:
-        stats = Statistics(*compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend))
+        stats = Statistics(*compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend, shard))
     losses, terms = token_losses(stats, batch, objective)
     return (batch.aggregation_weights * losses).sum(), terms
 
 
 def _fast_path(hidden, hidden_masked, weight, bias, tokens, batch: TokenBatch, objective: Objective,
-               h: Dict[str, object], wants_grad: bool) -> Tuple[Tensor, Terms]:
+               h: Dict[str, object], wants_grad: bool, shard: Optional[VocabShard]) -> Tuple[Tensor, Terms]:
     epilogue = resolve_epilogue(h["backend"], hidden.device, hidden.dtype)
     options = FastPathOptions(h["temperature"], h["workspace_bytes"])
-    call = FastPathCall(tokens, batch, objective, options, epilogue, wants_grad)
+    call = FastPathCall(tokens, batch, objective, options, epilogue, wants_grad, shard)
+    hidden, hidden_masked = hidden_inputs(shard, hidden, hidden_masked)
     loss, *terms = FastPAPOLossFunction.apply(hidden, hidden_masked, weight, bias, call)
     return loss, Terms(*terms)
 
@@ -307,6 +315,8 @@ def papo_loss(
     path: str = "auto",
     backend: str = "auto",
     workspace_bytes: Optional[int] = None,
+    vocab_parallel_group=None,
+    vocab_parallel_hidden_grad: str = "all_reduce",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The PAPO loss of a batch of responses, straight from final hidden states.
 
@@ -382,6 +392,19 @@ def papo_loss(
             ``papo_kernels.fast_path.LOW_MEMORY_WORKSPACE_BYTES`` (256 MiB) is the low-memory setting.
             The per-token path's chunked backends always run at that default (README, "Backends of the
             per-token ops").
+        vocab_parallel_group: a ``torch.distributed`` process group over whose ranks the head is
+            split by vocabulary rows (Megatron-style tensor parallelism); None (the default) for a
+            whole head. Then ``weight`` (and ``bias``) are this rank's contiguous block of rows, in
+            rank order, of any size; ``completion_ids`` are global ids; every other input is the
+            same on every rank. Every statistic is exact (partials all-reduced per row, O(N)
+            floats); every rank returns the same loss and metrics and gets the gradient of its own
+            block of the weight and bias. Every rank of the group must make the call; bad or
+            disagreeing inputs are a ValueError on every rank. See ``papo_kernels.vocab_parallel``.
+        vocab_parallel_hidden_grad: with ``vocab_parallel_group``, ``"all_reduce"`` (the default)
+            sums the hidden gradients over the group in backward, so ``hidden.grad`` and
+            ``hidden_masked.grad`` are complete on every rank; ``"partial"`` leaves each rank the
+            part its block gives, for frameworks that reduce it themselves (Megatron's
+            ``copy_to_tensor_model_parallel_region``, or sequence parallelism's all-gather).
 
     Returns:
         ``(loss, metrics)``: the scalar loss and a dict of detached 0-dim tensors, means
@@ -396,19 +419,44 @@ def papo_loss(
         eta_clean=eta_clean, eta_masked=eta_masked, entropy=entropy, loss_type=loss_type,
         importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch, path=path, backend=backend, workspace_bytes=workspace_bytes)
+    if vocab_parallel_group is None:
+        check_without_group(vocab_parallel_hidden_grad)
     if torch.compiler.is_compiling():
+        if vocab_parallel_group is not None:  # the call and its collectives run eagerly, outside the graph
+            return torch.compiler.disable(papo_loss)(
+                hidden, weight, completion_ids, completion_mask, advantages, hidden_masked=hidden_masked,
+                masked_logprobs=masked_logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                policy_weights=policy_weights, bias=bias, vocab_parallel_group=vocab_parallel_group,
+                vocab_parallel_hidden_grad=vocab_parallel_hidden_grad, **hyperparameters)
         return loss_op.traced_papo_loss(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked,
                                         masked_logprobs, old_logprobs, ref_logprobs, policy_weights, bias,
                                         hyperparameters)
-    h = _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked,
-                           masked_logprobs, old_logprobs, ref_logprobs, policy_weights, bias, hyperparameters)
+
+    def check() -> Dict[str, object]:
+        return _check_papo_inputs(hidden, weight, completion_ids, completion_mask, advantages, hidden_masked,
+                                  masked_logprobs, old_logprobs, ref_logprobs, policy_weights, bias, hyperparameters)
+
+    def check_block() -> Dict[str, object]:
+        """A rank's checks include its bias block's values, so that a refusal reaches every rank."""
+        h = check()
+        check_bias_values(bias)
+        return h
+
+    shard = None
+    if vocab_parallel_group is None:
+        h = check()
+    else:
+        h, shard = agree_on_inputs(vocab_parallel_group, vocab_parallel_hidden_grad, check_block, hidden=hidden,
+                                   hidden_masked=hidden_masked, weight=weight, bias=bias, tokens=completion_ids,
+                                   mask=completion_mask, ids_name="completion_ids", settings=_shared_settings)
     _check_not_transformed(h)
     if hidden_masked is None and masked_logprobs is None:
         _warn_masked_terms_off(h)
-    check_completion_values(completion_ids, completion_mask, weight.shape[0], h["max_completion_length"], bias)
+    vocab_size = weight.shape[0] if shard is None else shard.vocab_size
+    check_completion_values(completion_ids, completion_mask, vocab_size, h["max_completion_length"], bias)
     differentiable = (hidden, hidden_masked, weight, bias)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-    chosen_path = _choose_path(h, wants_grad)
+    chosen_path = _choose_path(h, wants_grad, shard is not None)
 
     with no_autocast(hidden.device):
         mask = completion_mask != 0
@@ -424,11 +472,16 @@ def papo_loss(
         rows_masked = None if hidden_masked is None else hidden_masked.reshape(-1, dim)[index]
         tokens = completion_ids.reshape(-1)[index].long()
         if chosen_path == "fast":
-            loss, terms = _fast_path(rows, rows_masked, weight, bias, tokens, batch, objective, h, wants_grad)
+            loss, terms = _fast_path(rows, rows_masked, weight, bias, tokens, batch, objective, h, wants_grad, shard)
         else:
             loss, terms = _per_token_path(rows, rows_masked, weight, bias, tokens, batch, objective,
-                                          h["temperature"], h["backend"])
+                                          h["temperature"], h["backend"], shard)
         return loss, _metrics(terms, index.numel(), dtype, hidden.device)
+
+
+def _shared_settings(h: Dict[str, object]) -> Dict[str, object]:
+    """The settings every rank of a vocabulary-parallel group must share (the workspace is each rank's own)."""
+    return {name: value for name, value in h.items() if name != "workspace_bytes"}
 
 
 def check_settings(settings: Dict[str, object]) -> Dict[str, object]:
@@ -451,6 +504,9 @@ class PAPOLoss(nn.Module):
         for name in hyperparameters:
             check_choice("PAPOLoss hyperparameter", name, keywords)
         check_settings({name: value for name, value in hyperparameters.items() if name in HYPERPARAMETERS})
+        if hyperparameters.get("vocab_parallel_group") is not None:
+            check_group(hyperparameters["vocab_parallel_group"],
+                        hyperparameters.get("vocab_parallel_hidden_grad", "all_reduce"))
         self.hyperparameters = dict(hyperparameters)
 
     @classmethod

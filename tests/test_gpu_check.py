@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import correctness, gpu_check, stages
+from benchmarks import correctness, gpu_check, stages, vocab_parallel
 from benchmarks.correctness import CheckedPath, Checker, CheckCase
 from papo_kernels.fast_path import resolve_epilogue
 from papo_kernels.fast_path.chunk_loop import bytes_per_token, rows_per_chunk
@@ -135,6 +135,19 @@ def test_sweep_has_both_distributions_and_the_fast_path(tiny_run):
     # the summary is printed last: the device tool's reply carries the end of the output
     assert stdout.rstrip().endswith((out / "summary.md").read_text().rstrip())
     assert "All " in (out / "summary.md").read_text()
+
+
+def test_the_vocabulary_parallel_part_agrees_with_one_process_and_sends_o_of_n_floats(tiny_run):
+    out, _ = tiny_run
+    section = (out / "summary.md").read_text().split("## Vocabulary-parallel head")[1].split("\n## ")[0]
+    assert re.search(r"PASS: the largest relative difference from the single-rank call is [0-9.e+-]+", section)
+    (row,) = [line for line in section.splitlines() if line.startswith("| 2 |")]
+    gathers, reduces = re.search(r"\| (\d+, \d+) \| (\d+, \d+) \|", row).groups()
+    setup = vocab_parallel.TINY_SETUP
+    # one all-gather of 15 int64 (the inputs' description); all-reduces in one chunk: the chunk size (int64), the
+    # two passes' maxima and 7 sums per token, then the two hidden gradients in backward (float64)
+    assert gathers == "1, 120"
+    assert reduces == f"4, {8 + 9 * setup.tokens * 8 + 2 * setup.tokens * setup.dim * 8}"
 
 
 def test_each_part_gets_its_share_of_the_time_left():

@@ -13,6 +13,11 @@ see ``reference.py`` for the semantics.
 - ``auto``: ``triton`` for CUDA tensors when Triton imports (``torch`` for float64 ones, and with one warning
   where Triton does not import), ``torch`` elsewhere.
 
+Over a vocabulary-parallel head (``sharded``) the ``reference`` and ``torch`` backends run, each with a
+``shard`` argument (``papo_kernels/vocab_parallel.py``), ``torch`` by its online-softmax chunks on every device;
+``auto`` is ``torch`` there (with one warning on CUDA, where the Triton backend and ``head_chunks.py`` have no
+vocabulary-parallel form yet).
+
 Triton is imported only when the ``triton`` backend is asked for, never at package import.
 """
 
@@ -27,6 +32,7 @@ import torch
 from .._checks import check_choice
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+SHARDED_BACKENDS = ("auto", "reference", "torch")  # over a vocabulary-parallel head
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 goes to the torch backend
 
@@ -87,10 +93,26 @@ def _triton_backend() -> SimpleNamespace:
     )
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Union[ModuleType, SimpleNamespace]:
-    """The backend for ``name``; ``auto`` picks the best one available for inputs of ``device`` and ``dtype``."""
+@functools.lru_cache(maxsize=None)
+def _warn_sharded_on_cuda() -> None:
+    warnings.warn("papo_kernels: over a vocabulary-parallel head (vocab_parallel_group) the LM-head ops run the "
+                  "plain torch code (backend='auto' -> 'torch'): the Triton backend has no vocabulary-parallel "
+                  "form yet; papo_loss's fast path has one", RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype,
+                    sharded: bool = False) -> Union[ModuleType, SimpleNamespace]:
+    """The backend for ``name``; ``auto`` picks the best one available for inputs of ``device`` and ``dtype``,
+    over a vocabulary-parallel head when ``sharded``."""
     check_choice("backend", name, BACKENDS)
     device = torch.device(device)
+    if sharded:
+        if name == "triton":
+            raise ValueError(f"backend='triton' has no vocabulary-parallel form yet; with vocab_parallel_group use "
+                             f"backend one of {list(SHARDED_BACKENDS)} (or papo_loss's fast path)")
+        if name == "auto" and device.type == "cuda":
+            _warn_sharded_on_cuda()
+        return _MODULES["torch" if name == "auto" else name]
     if name == "auto":
         name = "triton" if _triton_on_cuda(device, dtype) else "torch"
     if name != "triton":

@@ -6,12 +6,22 @@ reference that the tests, the benchmarks and the trainer compare against.
 
 Both functions take flattened inputs: hidden (N, D), weight (V, D), tokens (N,),
 bias (V,) or None, and return per-token tensors of shape (N,).
+
+Over a vocabulary-parallel head (``shard``: weight and bias are this rank's block of rows, tokens
+are ids local to it, ``NOT_HERE`` where another rank holds the token) each rank's logits cover its
+columns, and the sums over the vocabulary are sums over the group (``vocab_parallel.sum_over_group``,
+whose backward is the identity: every rank computes the same loss from them). The logsumexp, which every
+rank holds and uses on its own columns, goes through ``vocab_parallel.replicated``, whose backward sums
+the ranks' shares of its gradient. Autograd does the rest.
 """
 
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ..partials import NOT_HERE
+from ..vocab_parallel import VocabShard, all_reduce_max, replicated, sum_over_group
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,10 +46,28 @@ def token_statistics(z: Tensor, tokens: Tensor) -> Tuple[Tensor, Tensor, Tensor]
     return log_p, token_logprob, entropy
 
 
+def sharded_token_statistics(z: Tensor, tokens: Tensor, shard: VocabShard) -> Tuple[Tensor, Tensor, Tensor]:
+    """``token_statistics`` of a vocabulary-parallel head: log p (N, V_rank) on this rank's columns, with
+    lse = m + log sum_group sum_v e^(z_v - m) (m the group's max, no gradient: lse does not depend on it), and
+    the log-prob of each token (from the rank that holds it) and the entropy, each summed over the group."""
+    running_max = all_reduce_max(z.amax(-1), shard)
+    lse = replicated(running_max + sum_over_group(torch.exp(z - running_max[:, None]).sum(-1), shard).log(), shard)
+    log_p = z - lse[:, None]
+    picked = log_p.gather(-1, tokens.clamp(min=0)[:, None]).squeeze(-1)
+    token_logprob = sum_over_group(torch.where(tokens != NOT_HERE, picked, 0.0), shard)
+    entropy = sum_over_group(-(log_p.exp() * log_p).sum(-1), shard)
+    return log_p, token_logprob, entropy
+
+
+def _statistics(z: Tensor, tokens: Tensor, shard: Optional[VocabShard]) -> Tuple[Tensor, Tensor, Tensor]:
+    return token_statistics(z, tokens) if shard is None else sharded_token_statistics(z, tokens, shard)
+
+
 def linear_logprobs(
-    hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float
+    hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
+    shard: Optional[VocabShard] = None,
 ) -> Tuple[Tensor, Tensor]:
-    _, logprobs, entropy = token_statistics(logits(hidden, weight, bias, temperature), tokens)
+    _, logprobs, entropy = _statistics(logits(hidden, weight, bias, temperature), tokens, shard)
     return logprobs, entropy
 
 
@@ -50,8 +78,12 @@ def linear_perception_kl(
     tokens: Tensor,
     bias: Optional[Tensor],
     temperature: float,
+    shard: Optional[VocabShard] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    log_p, logprobs, entropy = token_statistics(logits(hidden, weight, bias, temperature), tokens)
-    log_q, logprobs_masked, entropy_masked = token_statistics(logits(hidden_masked, weight, bias, temperature), tokens)
+    log_p, logprobs, entropy = _statistics(logits(hidden, weight, bias, temperature), tokens, shard)
+    log_q, logprobs_masked, entropy_masked = _statistics(logits(hidden_masked, weight, bias, temperature), tokens,
+                                                         shard)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # KL(p || q) = sum_v p_v (log p_v - log q_v)
+    if shard is not None:
+        kl = sum_over_group(kl, shard)
     return logprobs, logprobs_masked, entropy, entropy_masked, kl

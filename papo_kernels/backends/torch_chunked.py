@@ -1,10 +1,11 @@
 """The torch backend: the fused computation in plain PyTorch, chunked over vocabulary and rows.
 
-On CUDA tensors it runs the chunked design of ``head_chunks.py`` with the torch epilogue: per chunk of tokens the
+On CUDA tensors of a whole head it runs the chunked design of ``head_chunks.py`` with the torch epilogue: per chunk of tokens the
 library product ``[h; h~] W^T`` over the whole vocabulary, the epilogue's statistics and dZ, and the library
 products of the gradients (one float32 copy of a half weight would not fit the CPU's budget; the CUDA products
 take half inputs as they are), in chunks sized by ``temporary_bytes`` when given, else by the fast path's
-workspace policy. Elsewhere, what follows.
+workspace policy. Elsewhere, and over a vocabulary-parallel head on any device (``head_chunks`` has no
+vocabulary-parallel form yet), what follows.
 
 For machines without Triton (CPUs, macOS). The logits z = (h @ W.T + b) / tau are
 built one (rows x vocabulary) block at a time; per row an online softmax keeps the
@@ -20,6 +21,12 @@ autograd never sees a block. All temporaries together stay under
 ``temporary_bytes`` (256 MiB when None) whatever N and V are; the gradients
 themselves are outputs, and for float16/bfloat16 inputs the gradient of the
 hidden states is accumulated in a float32 buffer of its size.
+
+Over a vocabulary-parallel head (``ChunkOptions.shard``: weight and bias are this rank's block of
+rows, tokens are ids local to it, ``NOT_HERE`` where another rank holds the token) the running
+state of the rank's columns becomes partials (``papo_kernels/partials.py``), which the ranks
+all-reduce before finalizing; the backward then forms dz on the rank's columns from the statistics
+of the whole vocabulary, and gives this rank's part of the hidden gradients.
 """
 
 from dataclasses import dataclass
@@ -28,7 +35,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import partials
 from .._guards import fused_backward
+from ..vocab_parallel import VocabShard, all_reduce_partials
 from . import head_chunks
 from .head_chunks import GradientPlan
 from .reference import compute_dtype
@@ -50,9 +59,11 @@ class ChunkOptions:
     temperature: float
     rows_per_chunk: int
     vocab_per_chunk: int
+    shard: Optional[VocabShard] = None  # this rank's block of a vocabulary-parallel head
 
 
-def chunk_options(n: int, v: int, d: int, dtype: torch.dtype, temperature: float, temporary_bytes: int) -> ChunkOptions:
+def chunk_options(n: int, v: int, d: int, dtype: torch.dtype, temperature: float, temporary_bytes: int,
+                  shard: Optional[VocabShard] = None) -> ChunkOptions:
     """Chunk sizes whose temporaries fit in ``temporary_bytes``."""
     itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
     vocab = min(v, _MAX_VOCAB_PER_CHUNK)
@@ -61,7 +72,7 @@ def chunk_options(n: int, v: int, d: int, dtype: torch.dtype, temperature: float
         vocab //= 2
     room = temporary_bytes - _VOCAB_BY_DIM_BLOCKS * vocab * d * itemsize
     rows = room // ((_BLOCKS_PER_CHUNK * vocab + _ROWS_BY_DIM_BLOCKS * d) * itemsize)
-    return ChunkOptions(temperature, rows_per_chunk=max(1, min(n, rows)), vocab_per_chunk=max(1, vocab))
+    return ChunkOptions(temperature, rows_per_chunk=max(1, min(n, rows)), vocab_per_chunk=max(1, vocab), shard=shard)
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
@@ -144,6 +155,9 @@ def forward_statistics(hidden, hidden_masked, weight, bias, tokens, options: Chu
                     exps, z_masked
                 )
 
+    if options.shard is not None:
+        return _sharded_statistics(clean, token_logit, masked if paired else None,
+                                   token_logit_masked if paired else None, cross if paired else None, options.shard)
     lse, entropy = clean.statistics()
     logprobs = token_logit - lse  # l = z_y - lse
     if not paired:
@@ -152,6 +166,18 @@ def forward_statistics(hidden, hidden_masked, weight, bias, tokens, options: Chu
     # KL(p || q) = (t - u) / s - log s + log s~
     kl = (clean.shifted - cross) / clean.sum - clean.sum.log() + masked.sum.log()
     return (logprobs, entropy, lse), (token_logit_masked - lse_masked, entropy_masked, lse_masked, kl)
+
+
+def _sharded_statistics(clean: _OnlineSoftmax, token_logit: Tensor, masked: Optional[_OnlineSoftmax],
+                        token_logit_masked: Optional[Tensor], cross: Optional[Tensor], shard: VocabShard):
+    """``forward_statistics``' result over a vocabulary-parallel head: this rank's running state as partials (the
+    cross sum u turned into w = sum e^(z - m)(z - z~) = t - u + (m - m~) s), all-reduced and finalized."""
+    fields = [clean.max, clean.sum, clean.shifted, token_logit]
+    if masked is not None:
+        fields += [masked.max, masked.sum, masked.shifted, token_logit_masked,
+                   clean.shifted - cross + (clean.max - masked.max) * clean.sum]
+    statistics = partials.finalize(all_reduce_partials(torch.stack(fields), shard), masked is not None)
+    return statistics[:3], (statistics[3:] if masked is not None else None)
 
 
 def _clean_dz(log_p, p, log_q, tokens, start, logprob_grad, entropy_grad, kl_grad, entropy, kl) -> Tensor:
@@ -296,27 +322,27 @@ class ChunkedLinearPerceptionKLFunction(torch.autograd.Function):
 
 def linear_logprobs(
     hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
-    *, temporary_bytes: Optional[int] = None,
+    shard: Optional[VocabShard] = None, *, temporary_bytes: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Same as ``reference.linear_logprobs``, chunked so that temporaries stay under ``temporary_bytes`` (None: the
     workspace policy on CUDA, 256 MiB elsewhere)."""
-    if hidden.device.type == "cuda":
+    if hidden.device.type == "cuda" and shard is None:
         options = head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
         return head_chunks.linear_logprobs(hidden, weight, tokens, bias, options)
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
-                            DEFAULT_TEMPORARY_BYTES if temporary_bytes is None else temporary_bytes)
+                            DEFAULT_TEMPORARY_BYTES if temporary_bytes is None else temporary_bytes, shard)
     return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, tokens, options)
 
 
 def linear_perception_kl(
     hidden: Tensor, hidden_masked: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
-    *, temporary_bytes: Optional[int] = None,
+    shard: Optional[VocabShard] = None, *, temporary_bytes: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Same as ``reference.linear_perception_kl``, chunked so that temporaries stay under ``temporary_bytes`` (None:
     the workspace policy on CUDA, 256 MiB elsewhere)."""
-    if hidden.device.type == "cuda":
+    if hidden.device.type == "cuda" and shard is None:
         options = head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
         return head_chunks.linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, options)
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
-                            DEFAULT_TEMPORARY_BYTES if temporary_bytes is None else temporary_bytes)
+                            DEFAULT_TEMPORARY_BYTES if temporary_bytes is None else temporary_bytes, shard)
     return ChunkedLinearPerceptionKLFunction.apply(hidden, hidden_masked, weight, bias, tokens, options)

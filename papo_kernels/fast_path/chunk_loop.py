@@ -4,7 +4,9 @@ Per chunk of C tokens (shared STYLE.md, "a path built from library products and 
 
 1. one matrix product by the device's library, ``logits = [h; h~] @ W^T`` (2C x V, float32
    results; the clean and masked rows of the chunk stacked);
-2. the epilogue's first sweep: per-token statistics (l, H, l~, H~, KL);
+2. the epilogue's first sweep: per-token statistics (l, H, l~, H~, KL); over a vocabulary-parallel
+   head, the partial statistics of the rank's columns, all-reduced over the ranks and finalized
+   (``statistics``, ``papo_kernels/vocab_parallel.py``);
 3. the per-token upstream gradients, by autograd on the chunk's small per-token graph of
    ``objective.token_losses`` over the detached statistics: the objective is written once;
 4. the epilogue's second sweep: dZ, the gradient with respect to the raw logits, in place;
@@ -27,6 +29,12 @@ Numerics:
   with the per-token ops' chunked backward).
 
 The dW product is ``addmm`` by default, or the reduce-add kernel (``grad_weight.py``).
+
+Over a vocabulary-parallel head each rank runs this loop on its block of W's rows with the same
+tokens: V is the block's size (12 N D V / P of matrix work per rank for P equal blocks), the token
+ids are local to the block (``NOT_HERE`` where another rank holds the token), the ranks agree on the
+chunk size (one all-reduce), and dZ W gives each rank its part of the hidden gradients, which the
+caller sums over the ranks in backward (``vocab_parallel.hidden_inputs``).
 """
 
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import partials, vocab_parallel
 from ..backends.reference import compute_dtype
 from ..objective import Objective, Statistics, TokenBatch, Terms, token_losses
 from .epilogues.contract import RowStatistics, UpstreamGradients
@@ -138,6 +147,16 @@ def rows_per_chunk(n: int, vocab_size: int, dim: int, paired: bool, itemsize: in
     return tokens_per_chunk(n, per_token, workspace_bytes)
 
 
+def statistics(epilogue, logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float, paired: bool,
+               shard: Optional["vocab_parallel.VocabShard"]) -> RowStatistics:
+    """The epilogue's statistics of a chunk; over a vocabulary-parallel head, its partials over the rank's columns
+    all-reduced over the ranks, then finalized."""
+    if shard is None:
+        return epilogue.statistics(logits, tokens, bias, temperature, paired)
+    local = epilogue.row_partials(logits, tokens, bias, temperature, paired)
+    return RowStatistics(*partials.finalize(vocab_parallel.all_reduce_partials(local, shard), paired))
+
+
 def _detached_statistics(row_stats: RowStatistics, wants_grad: bool) -> Statistics:
     def leaf(value: Optional[Tensor]) -> Optional[Tensor]:
         return None if value is None else value.detach().requires_grad_(wants_grad)
@@ -165,9 +184,12 @@ def chunk_objective(row_stats: RowStatistics, batch: TokenBatch, objective: Obje
 
 def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                tokens: Tensor, batch: TokenBatch, objective: Objective, options: FastPathOptions, epilogue,
-               needs_grad: Tuple[bool, bool, bool, bool]) -> FastPathResult:
+               needs_grad: Tuple[bool, bool, bool, bool],
+               shard: Optional["vocab_parallel.VocabShard"] = None) -> FastPathResult:
     """The loss over the tokens and, where ``needs_grad`` (hidden, hidden_masked, weight, bias) asks, its
-    gradients; hidden and hidden_masked are (n, D), tokens (n,), batch holds the n tokens' inputs."""
+    gradients; hidden and hidden_masked are (n, D), tokens (n,) global ids, batch holds the n tokens' inputs.
+    With ``shard``, weight and bias are this rank's block of a vocabulary-parallel head, and the hidden
+    gradients are this rank's parts."""
     n, dim = hidden.shape
     vocab_size = weight.shape[0]
     paired = hidden_masked is not None
@@ -186,6 +208,9 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
         options.workspace_bytes, device, grad_weight_kernel,
         bytes_per_token(vocab_size, dim, paired, itemsize, half_dz, epilogue_bytes))
     chunk = rows_per_chunk(n, vocab_size, dim, paired, itemsize, half_dz, epilogue_bytes, workspace_bytes)
+    if shard is not None:
+        chunk = vocab_parallel.agreed_chunk(chunk, shard, device)
+        tokens = shard.local_ids(tokens)
     passes = 2 if paired else 1
     logits_buffer = torch.empty(passes * chunk, vocab_size, dtype=result_dtype, device=device)
     dz_buffer = torch.empty(passes * chunk, vocab_size, dtype=dz_buffer_dtype, device=device) if half_dz else None
@@ -207,7 +232,7 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
         count = rows.stop - rows.start
         chunk_rows = torch.cat([hidden[rows], hidden_masked[rows]]) if paired else hidden[rows]
         logits = products.logits(chunk_rows, out=logits_buffer[:passes * count])
-        row_stats = epilogue.statistics(logits, tokens[rows], bias, options.temperature, paired)
+        row_stats = statistics(epilogue, logits, tokens[rows], bias, options.temperature, paired, shard)
         total, terms, upstream = chunk_objective(row_stats, batch.rows(rows), objective, wants_grad)
         loss += total
         chunk_terms.append(terms)

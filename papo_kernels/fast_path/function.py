@@ -8,12 +8,14 @@ copied: a second backward through the same graph raises.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .._guards import fused_backward, no_autocast
 from ..objective import Objective, TokenBatch
+from ..vocab_parallel import VocabShard
 from .chunk_loop import FastPathOptions, run_chunks
 
 
@@ -27,6 +29,7 @@ class FastPathCall:
     options: FastPathOptions
     epilogue: object  # a module of fast_path/epilogues
     wants_grad: bool  # grad mode was on at the call
+    shard: Optional[VocabShard] = None  # this rank's block of a vocabulary-parallel head
 
 
 class FastPAPOLossFunction(torch.autograd.Function):
@@ -35,7 +38,7 @@ class FastPAPOLossFunction(torch.autograd.Function):
         needs_grad = tuple(call.wants_grad and flag for flag in ctx.needs_input_grad[:4])
         with no_autocast(hidden.device):
             result = run_chunks(hidden, hidden_masked, weight, bias, call.tokens, call.batch, call.objective,
-                                call.options, call.epilogue, needs_grad)
+                                call.options, call.epilogue, needs_grad, call.shard)
         ctx.gradients = (result.grad_hidden, result.grad_hidden_masked, result.grad_weight, result.grad_bias)
         ctx.save_for_backward(hidden, hidden_masked, weight, bias)  # references only, for the second-order guard
         terms = [term for term in result.terms if term is not None]

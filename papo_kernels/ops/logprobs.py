@@ -4,9 +4,9 @@ from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-from .._checks import check_linear_inputs
 from .._guards import no_autocast
 from ..backends import resolve_backend
+from ..vocab_parallel import VocabShard, check_linear_call, hidden_inputs
 
 
 class LinearLogprobs(NamedTuple):
@@ -22,6 +22,8 @@ def linear_logprobs(
     bias: Optional[Tensor] = None,
     temperature: float = 1.0,
     backend: str = "auto",
+    vocab_parallel_group=None,
+    vocab_parallel_hidden_grad: str = "all_reduce",
 ) -> LinearLogprobs:
     """Per-token log-prob of ``tokens`` and exact entropy under a linear LM head.
 
@@ -35,23 +37,38 @@ def linear_logprobs(
         tokens: ``(...)`` integer ids in ``[0, V)``, one per hidden state.
         bias: optional ``(V,)`` LM-head bias.
         temperature: logits are divided by it, as at sampling time; > 0.
-        backend: ``"auto"`` or one of ``papo_kernels.BACKENDS``.
+        backend: ``"auto"`` or one of ``papo_kernels.BACKENDS``; over a vocabulary-parallel head
+            ``"reference"`` or ``"torch"`` (``"auto"`` is ``"torch"`` there).
+        vocab_parallel_group: a ``torch.distributed`` process group over whose ranks the head is
+            split by vocabulary rows, as in ``papo_loss``: ``weight`` (and ``bias``) are this
+            rank's block of rows, ``tokens`` global ids, everything else the same on every rank;
+            every rank gets the same outputs and the gradient of its own block.
+        vocab_parallel_hidden_grad: as in ``papo_loss``: ``"all_reduce"`` (the hidden gradients
+            summed over the group in backward) or ``"partial"`` (each rank's own part).
 
     Returns:
         ``LinearLogprobs(logprobs, entropy)``, both of shape ``(...)`` in float32
         (float64 for float64 input), differentiable with respect to hidden, weight and bias;
         the same under ``torch.autocast`` as without it.
     """
-    temperature = check_linear_inputs(hidden, weight, tokens, bias, temperature)
-    return compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend)
+    temperature, shard = check_linear_call(vocab_parallel_group, vocab_parallel_hidden_grad, hidden, weight, tokens,
+                                           bias, temperature, backend)
+    return compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend, shard)
 
 
-def compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend) -> LinearLogprobs:
-    """``linear_logprobs`` on inputs that have passed its checks."""
-    ops = resolve_backend(backend, hidden.device, hidden.dtype)
+def compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend,
+                            shard: Optional[VocabShard] = None) -> LinearLogprobs:
+    """``linear_logprobs`` on inputs that have passed its checks (``shard``: this rank's block of a
+    vocabulary-parallel head)."""
+    ops = resolve_backend(backend, hidden.device, hidden.dtype, sharded=shard is not None)
 
     batch_shape = tokens.shape
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    (flat_hidden,) = hidden_inputs(shard, hidden.reshape(-1, hidden.shape[-1]))
+    flat_tokens = tokens.reshape(-1).long()
     with no_autocast(hidden.device):
-        logprobs, entropy = ops.linear_logprobs(flat_hidden, weight, tokens.reshape(-1).long(), bias, temperature)
+        if shard is None:
+            logprobs, entropy = ops.linear_logprobs(flat_hidden, weight, flat_tokens, bias, temperature)
+        else:
+            logprobs, entropy = ops.linear_logprobs(flat_hidden, weight, shard.local_ids(flat_tokens), bias,
+                                                    temperature, shard)
     return LinearLogprobs(logprobs.reshape(batch_shape), entropy.reshape(batch_shape))

@@ -24,11 +24,29 @@ masked row (shared PAPO_SPEC.md):
 
 ``workspace_bytes_per_token(vocab_size, paired, itemsize)`` tells the chunk loop how
 many bytes of temporaries the epilogue needs per token besides the logits.
+
+A vocabulary-parallel head (``papo_kernels/vocab_parallel.py``) splits step 1 in two around an
+all-reduce across the ranks, each of which holds a block of the vocabulary's columns:
+
+1a. ``row_partials(logits, tokens, bias, temperature, paired) -> Tensor``: per token the partial
+    state over the chunk's columns, a (fields, C) tensor in the logits' dtype laid out as
+    ``papo_kernels.partials.FIELDS`` (maxima, sums of exponentials, entropy sums, the token's logit, the KL's
+    difference sum). It leaves ``logits`` in the same state as ``statistics`` does;
+1b. the ranks all-reduce the partials (``vocab_parallel.all_reduce_partials``) and
+    ``partials.finalize``, one torch function for every epilogue, gives the RowStatistics of the
+    whole vocabulary, which step 2 takes on the rank's own columns.
+
+Tokens not in the chunk's columns: ``row_partials`` and ``logit_gradient`` take ids local to
+the chunk's columns, with ``NOT_HERE`` (-1) for a token that another rank holds: its logit is
+then 0 in the partials (the owner's sum gives it) and ``logit_gradient`` leaves out its e_y
+term. ``statistics`` takes ids in [0, V).
 """
 
 from typing import NamedTuple, Optional
 
 from torch import Tensor
+
+from ...partials import NOT_HERE
 
 
 class RowStatistics(NamedTuple):

@@ -3,7 +3,8 @@
 Two sweeps per row pair, vectorised (``at::vec``) and parallel over rows (``at::parallel_for``):
 statistics (l, H, lse, l~, H~, lse~, KL from the maxima and the sums of each row), then dz / tau,
 written over the logits or into ``out``. The logits are only read by ``statistics``; no
-temporaries. The ops are ``torch.ops.papo_kernels.epilogue_statistics``,
+temporaries. The ops are ``torch.ops.papo_kernels.epilogue_statistics``, ``epilogue_row_partials`` (the
+partials of a vocabulary-parallel head's block, ``contract.py``),
 ``epilogue_logit_gradient`` (out=) and ``epilogue_logit_gradient_`` (over the logits); this module
 gives them fake kernels (``torch.compile``, ``opcheck``) and makes the statistics op differentiable,
 its backward being the gradient op. The numerics (sums in blocks, H and KL consistent with the
@@ -42,6 +43,10 @@ def statistics(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperatu
     return RowStatistics(*torch.ops.papo_kernels.epilogue_statistics(logits, tokens, bias, float(temperature), paired))
 
 
+def row_partials(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float, paired: bool) -> Tensor:
+    return torch.ops.papo_kernels.epilogue_row_partials(logits, tokens, bias, float(temperature), paired)
+
+
 def logit_gradient(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
                    stats: RowStatistics, grads: UpstreamGradients, out: Tensor) -> None:
     # the ops take a gradient for every statistic; the loss has none for lse and lse~ (None)
@@ -55,6 +60,10 @@ def logit_gradient(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], tempe
 
 def _statistics_fake(logits, tokens, bias, temperature, paired):
     return logits.new_empty((7 if paired else 3, tokens.shape[0]))
+
+
+def _row_partials_fake(logits, tokens, bias, temperature, paired):
+    return logits.new_empty((9 if paired else 4, tokens.shape[0]))
 
 
 def _gradient_fake(*args, **kwargs):
@@ -89,6 +98,7 @@ def _register_python_parts() -> None:
     if _registered:
         return
     torch.library.register_fake("papo_kernels::epilogue_statistics", _statistics_fake)
+    torch.library.register_fake("papo_kernels::epilogue_row_partials", _row_partials_fake)
     torch.library.register_fake("papo_kernels::epilogue_logit_gradient", _gradient_fake)
     torch.library.register_fake("papo_kernels::epilogue_logit_gradient_", _gradient_fake)
     torch.library.register_autograd("papo_kernels::epilogue_statistics", _statistics_backward,

@@ -1,10 +1,12 @@
 """The torch epilogue: the fast path's per-row work in plain PyTorch ops; runs anywhere.
 
 It is the second opinion the tests hold the Triton and native epilogues to, and the
-fallback where neither is available. After ``statistics`` the logits chunk holds
-log p (and log q) in place; ``logit_gradient`` reads them. Besides the logits it
-holds up to three (C, V) temporaries at once, paired or not (a single pass: p, the
-factor and one term of it, or logsumexp's own beside exp in ``statistics``).
+fallback where neither is available. ``statistics`` and ``row_partials`` leave the logits
+chunk holding z = (logits + b) / tau in place; ``logit_gradient`` turns it into log p (and
+log q) in place with the statistics' lse. Besides the logits it holds up to three (C, V)
+temporaries at once, paired or not (log q, then log p and p in ``statistics``; the
+exponentials and the shifted logits of ``row_partials``; p, the factor and one term of it
+in ``logit_gradient``).
 """
 
 from typing import Optional
@@ -12,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .contract import RowStatistics, UpstreamGradients
+from .contract import NOT_HERE, RowStatistics, UpstreamGradients
 
 NAME = "torch"
 
@@ -21,28 +23,56 @@ def workspace_bytes_per_token(vocab_size: int, paired: bool, itemsize: int) -> i
     return 3 * vocab_size * itemsize
 
 
-def _log_softmax_(z: Tensor, tokens: Tensor):
-    """Turns z into log p in place; returns (lse, l = log p(y), H = -sum p log p)."""
-    lse = torch.logsumexp(z, dim=1)
-    z.sub_(lse[:, None])
-    logprobs = z.gather(1, tokens[:, None]).squeeze(1)
-    entropy = -torch.linalg.vecdot(z.exp(), z)
-    return lse, logprobs, entropy
+def _scaled_(logits: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
+    """z = (logits + b) / tau, in place."""
+    if bias is not None:
+        logits.add_(bias.to(logits.dtype))
+    return logits.div_(temperature)
+
+
+def _at_tokens(values: Tensor, tokens: Tensor) -> Tensor:
+    """values[i, y_i], and 0 where y_i is NOT_HERE."""
+    picked = values.gather(1, tokens.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(tokens != NOT_HERE, picked, 0.0)
 
 
 def statistics(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
                paired: bool) -> RowStatistics:
-    if bias is not None:
-        logits.add_(bias.to(logits.dtype))
-    logits.div_(temperature)
+    z = _scaled_(logits, bias, temperature)
     n = tokens.shape[0]
-    lse, logprobs, entropy = _log_softmax_(logits[:n], tokens)
+    lse = torch.logsumexp(z[:n], dim=1)
+    if paired:
+        lse_masked = torch.logsumexp(z[n:], dim=1)
+        log_q = z[n:] - lse_masked[:, None]
+        logprobs_masked = _at_tokens(log_q, tokens)
+        entropy_masked = -torch.linalg.vecdot(log_q.exp(), log_q)
+    log_p = z[:n] - lse[:, None]
+    p = log_p.exp()
+    logprobs = _at_tokens(log_p, tokens)
+    entropy = -torch.linalg.vecdot(p, log_p)  # H = -sum p log p
     if not paired:
         return RowStatistics(logprobs, entropy, lse)
-    log_p, log_q = logits[:n], logits[n:]
-    lse_masked, logprobs_masked, entropy_masked = _log_softmax_(log_q, tokens)
-    kl = torch.linalg.vecdot(log_p.exp(), log_p - log_q)  # KL(p || q) = sum p (log p - log q)
+    kl = torch.linalg.vecdot(p, log_p.sub_(log_q))  # KL(p || q) = sum p (log p - log q)
     return RowStatistics(logprobs, entropy, lse, logprobs_masked, entropy_masked, lse_masked, kl)
+
+
+def _pass_partials(z: Tensor, tokens: Tensor):
+    """(m, s, t, z_y) of one pass's rows (``partials.FIELDS``) and the rows' exponentials e^(z - m)."""
+    running_max = z.amax(1)
+    shifted = z - running_max[:, None]
+    exps = shifted.exp()
+    return [running_max, exps.sum(1), torch.linalg.vecdot(exps, shifted), _at_tokens(z, tokens)], exps
+
+
+def row_partials(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
+                 paired: bool) -> Tensor:
+    z = _scaled_(logits, bias, temperature)
+    n = tokens.shape[0]
+    fields, exps = _pass_partials(z[:n], tokens)
+    if paired:
+        masked_fields, _ = _pass_partials(z[n:], tokens)
+        fields += masked_fields + [torch.linalg.vecdot(exps, z[:n] - z[n:])]  # w = sum e^(z - m) (z - z~)
+    return torch.stack(fields)
 
 
 def _column(value: Optional[Tensor]) -> Optional[Tensor]:
@@ -50,15 +80,18 @@ def _column(value: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _add_at_tokens(dz: Tensor, tokens: Tensor, values: Optional[Tensor]) -> None:
-    """dz[i, y_i] += values[i]: the e_y part of d l / dz."""
+    """dz[i, y_i] += values[i]: the e_y part of d l / dz (none where y_i is NOT_HERE)."""
     if values is not None:
-        dz.scatter_add_(1, tokens[:, None], values[:, None].to(dz.dtype))
+        here = torch.where(tokens != NOT_HERE, values.to(dz.dtype), 0.0)
+        dz.scatter_add_(1, tokens.clamp(min=0)[:, None], here[:, None])
 
 
 def logit_gradient(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
                    stats: RowStatistics, grads: UpstreamGradients, out: Tensor) -> None:
     n = tokens.shape[0]
-    log_p = logits[:n]
+    log_p = logits[:n].sub_(stats.lse[:, None])  # log p = z - lse, in place
+    if logits.shape[0] > n:
+        logits[n:].sub_(stats.lse_masked[:, None])
     p = log_p.exp()
     g_l, g_h, g_l_masked, g_h_masked, g_kl = map(_column, grads)
     dz = None

@@ -11,7 +11,9 @@ can all-reduce the partials between them:
 2. ``finalize_statistics``: ``_finalize_statistics_kernel``, one program per block of rows, merges
    the splits' partials (``merge_pair``) and writes lse, l, H, l~, H~, KL per token.
 
-``statistics`` runs both. The logits are read once, never written.
+``statistics`` runs both. The logits are read once, never written. ``row_partials`` (the contract's
+step for a vocabulary-parallel head) runs the first and merges the splits in torch
+(``partials.merge``), so that the ranks' all-reduce is the last level of the reduction.
 
 ``_epilogue_gradient_kernel``: one program per (block of rows, vocabulary split) writes dz / tau
 and dz~ / tau (``clean_logit_gradient``, ``masked_logit_gradient``: the gradient table of
@@ -37,6 +39,7 @@ from triton import knobs
 
 from ...backends._triton_utils import absorb_pair, clean_logit_gradient, grown, masked_logit_gradient, row_column
 from ...backends._triton_utils import initial_pair_state, store_statistics
+from ... import partials
 from .contract import RowStatistics, UpstreamGradients
 
 NAME = "triton"
@@ -342,6 +345,17 @@ def finalize_statistics(partials: Tensor, paired: bool, config: Optional[Epilogu
 def statistics(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
                paired: bool) -> RowStatistics:
     return finalize_statistics(statistics_partials(logits, tokens, bias, temperature, paired), paired)
+
+
+def row_partials(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float, paired: bool,
+                 config: Optional[EpilogueConfig] = None) -> Tensor:
+    """The contract's partials (``partials.FIELDS``): the splits' states, each cross sum u turned into the
+    difference sum w = sum e^(z - m)(z - z~) = t - u + (m - m~) s, merged over the splits. A token id of
+    ``NOT_HERE`` matches no column, in this kernel and in the gradient's."""
+    split = statistics_partials(logits, tokens, bias, temperature, paired, config)
+    if paired:
+        split[8] = split[2] - split[8] + (split[0] - split[4]) * split[1]
+    return partials.merge(split, dim=1)
 
 
 def logit_gradient(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
