@@ -81,9 +81,10 @@ def grad_weight_products(shape: Shape, dtype: torch.dtype, device: torch.device,
 
 def statistics_sweeps(shape: Shape, device: torch.device, timer, record: Record, token_counts: Sequence[int],
                       copy_gb_per_s: float) -> None:
+    from papo_kernels.backends._triton_utils import launch_config
     from papo_kernels.fast_path.epilogues import triton_epilogue
 
-    config = triton_epilogue.active_config()
+    config = launch_config(triton_epilogue.CONFIGS, device)
     one_split = dataclasses.replace(config, split_v=-(-shape.v // config.block_v) * config.block_v)
     for tokens in token_counts:
         logits = _random(2 * tokens, shape.v, device=device, dtype=torch.float32, scale=1.0, seed=tokens)

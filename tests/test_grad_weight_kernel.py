@@ -4,7 +4,7 @@ The interpreter has no TMA reduce-add, so it runs the kernel's pointer fallback:
 persistent loop over output tiles (three programs here, so each does several tiles), the same
 K loop and epilogue, with the accumulator tile loaded, added and stored by its one program.
 The flag reaches the fast path's chunk loop and the per-token ops' chunked backward alike.
-The TMA variant compiles for sm_90 in tests/test_fast_path_compile.py; its run is a GPU check.
+The TMA variant compiles for sm_90 in tests/test_triton_compile.py; its run is a GPU check.
 """
 
 import pytest

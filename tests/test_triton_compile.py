@@ -3,23 +3,25 @@
 1. Record (this process; conftest.py has put Triton in interpreter mode): the public entry points run over their
    option grid on tiny CPU tensors (``linear_logprobs`` and ``linear_perception_kl`` over the subsets of
    differentiated outputs and of inputs wanting a gradient, ``papo_loss`` over its terms and estimators on the fast
-   path and at its presets on the per-token path, and the fast path's logits function
-   ``triton_logit_statistics.chunk_statistics``), at two families of sizes (as at the Qwen heads: D, V and the row
-   strides multiples of 16, an odd token count; and odd sizes throughout), with every launcher's config selection
-   forced to a CUDA capability (``_triton_utils.forced_capability``). Each Triton launch is recorded, not run: the
-   kernel, Triton's own specialisation of every argument (``native_specialize_impl`` with the CUDA backend, as the
-   runtime applies it: ``tt.divisibility`` 16 for 16-byte aligned pointers and integers divisible by 16, 1 as a
-   constant), the constexprs, warps and stages. The library products behave as on CUDA with half inputs (half
-   products into float32 results, so dZ goes to a half buffer). The interpreter cannot run bfloat16 dots, so the
-   drive runs in float16 and float32, and each float16 launch is compiled as its bfloat16 twin: the two types have
-   the same size and MMA shapes, so one compile answers for both.
+   path and at its presets on the per-token path, the fast path's logits function
+   ``triton_logit_statistics.chunk_statistics``, and papo_loss's chunk loops with dW by the reduce-add kernel:
+   ``PAPO_KERNELS_GRAD_WEIGHT=reduce_add``, resolved by the rules of ``fast_path/grad_weight.py`` for a CUDA device
+   of the forced capability, so its TMA variant on sm_90 and ``addmm`` on sm_80), at two families of sizes (as at
+   the Qwen heads: D, V and the row strides multiples of 16, an odd token count; and odd sizes throughout), with
+   every launcher's config selection forced to a CUDA capability (``_triton_utils.forced_capability``). Each Triton
+   launch is recorded, not run: the kernel, Triton's own specialisation of every argument
+   (``native_specialize_impl`` with the CUDA backend, as the runtime applies it: ``tt.divisibility`` 16 for 16-byte
+   aligned pointers and integers divisible by 16, 1 as a constant), the constexprs, warps and stages. The library
+   products behave as on CUDA with half inputs (half products into float32 results, so dZ goes to a half buffer).
+   The interpreter cannot run bfloat16 dots, so the drive runs in float16 and float32, and each float16 launch is
+   compiled as its bfloat16 twin: the two types have the same size and MMA shapes, so one compile answers for both.
 2. Compile (a child process without TRITON_INTERPRET): each distinct record for its target.
 3. Check: shared memory (Triton's allocation, which its launcher holds against the device, plus the cubin's static
    shared memory) within 166912 bytes on sm_80 and 232448 on sm_90, and no stack frame (no register spills), from
-   the cubin's resource usage. A table of every compile is printed.
+   the cubin's resource usage; the TMA reduce-add (``cp.reduce.async.bulk.tensor``) in the PTX of the dW kernel's
+   TMA variant where it adds into the accumulator, and nowhere else. A table of every compile is printed.
 
-A kernel added later joins by picking its config through ``_triton_utils.launch_config``; the fast path's epilogue
-picks its config with its own ``active_config()`` for now, which the recording points at its CUDA config.
+A kernel added later joins by picking its config through ``_triton_utils.launch_config``.
 """
 
 import functools
@@ -39,7 +41,11 @@ SHARED_MEMORY_LIMITS = {80: 166912, 90: 232448}
 # (tokens N, width D, vocabulary V): as at the Qwen heads (D, V and the row strides multiples of 16, the token
 # count anything), and odd sizes throughout
 SIZE_FAMILIES = {"odd_tokens": (5, 32, 96), "odd_sizes": (5, 20, 70)}
+# a few tokens a chunk at these sizes, so that the fast path runs several chunks
+SMALL_WORKSPACE_BYTES = 2048
 CHILD_TIMEOUT_S = 900
+# the PTX instruction of the TMA reduce-add (the dW kernel adding its tiles into the float32 accumulator)
+TMA_REDUCE_ADD = "cp.reduce.async.bulk.tensor"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,6 +90,8 @@ def _cuda_like_products():
             out.copy_(dz.float() @ self.weight.float() * alpha)
 
         def accumulate_grad_weight(self, accumulator, dz, rows, alpha=1.0, accumulate=True):
+            if self.grad_weight_kernel == "reduce_add":  # the Triton kernel: its launch is recorded
+                return super().accumulate_grad_weight(accumulator, dz, rows, alpha, accumulate)
             if not accumulate:
                 accumulator.zero_()
             accumulator.add_(dz.float().T @ rows.float(), alpha=alpha)
@@ -188,12 +196,30 @@ def _drive_chunk_statistics(dtype):
                                                  torch.randint(0, v, (count,), generator=g), 0.7, paired, out)
 
 
+def _drive_reduce_add(dtype):
+    """The chunk loops with dW by the reduce-add kernel (``PAPO_KERNELS_GRAD_WEIGHT=reduce_add``, where the rules of
+    ``grad_weight.py`` let it run): papo_loss at its presets on the fast path, in chunks of a few tokens (the first
+    chunk stores dW, the later ones add to it), and on the per-token path (the per-token ops' chunked backward)."""
+    from papo_kernels import PRESETS, papo_loss
+
+    g = torch.Generator().manual_seed(3)
+    for (n, dim, v), preset, path in itertools.product(SIZE_FAMILIES.values(), PRESETS.values(),
+                                                       ("fast", "per_token")):
+        hidden, hidden_masked = (torch.randn(1, n, dim, generator=g).to(dtype).requires_grad_() for _ in range(2))
+        weight = torch.randn(v, dim, generator=g).to(dtype).requires_grad_()
+        tokens, logprobs = torch.randint(0, v, (1, n), generator=g), -torch.rand(1, n, generator=g)
+        workspace = dict(workspace_bytes=SMALL_WORKSPACE_BYTES) if path == "fast" else {}
+        loss, _ = papo_loss(hidden, weight, tokens, torch.ones(1, n, dtype=torch.long), torch.randn(1, generator=g),
+                            hidden_masked=hidden_masked, old_logprobs=logprobs, ref_logprobs=logprobs, path=path,
+                            backend="triton", **preset, **workspace)
+        loss.backward()
+
+
 def record_launches(capability: int, monkeypatch) -> list:
     from triton.runtime.interpreter import InterpretedFunction
 
     from papo_kernels.backends import _triton_utils, head_chunks
-    from papo_kernels.fast_path import chunk_loop
-    from papo_kernels.fast_path.epilogues import triton_epilogue
+    from papo_kernels.fast_path import chunk_loop, grad_weight
 
     recorder = LaunchRecorder(capability)
     products = _cuda_like_products()
@@ -201,11 +227,16 @@ def record_launches(capability: int, monkeypatch) -> list:
         patch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: recorder.run(self, *args, **kwargs))
         patch.setattr(chunk_loop, "MatrixProducts", products)
         patch.setattr(head_chunks, "MatrixProducts", products)
-        patch.setattr(triton_epilogue, "active_config", lambda: triton_epilogue.config_for(capability))
+        # the dW flag resolves by the rules for a CUDA device of the forced capability
+        patch.setattr(grad_weight, "reduce_add_unavailable", lambda device, dtype, vocab_size, dim:
+                      grad_weight.cuda_reduce_add_unavailable((capability, 0), dtype, vocab_size, dim))
         for dtype in (torch.float32, torch.float16):
             _drive_ops(dtype)
             _drive_papo_loss(dtype)
             _drive_chunk_statistics(dtype)
+            with patch.context() as flag:
+                flag.setenv(grad_weight.GRAD_WEIGHT_VARIABLE, "reduce_add")
+                _drive_reduce_add(dtype)
     return recorder.records
 
 
@@ -276,7 +307,8 @@ def compile_record(record: dict) -> dict:
                 blocks=" ".join(f"{name}={value}" for name, value in record["kwargs"].items()
                                 if name.startswith("BLOCK")),
                 warps=options.num_warps, stages=options.num_stages,
-                shared=compiled.metadata.shared + static_shared, registers=registers, stack=stack)
+                shared=compiled.metadata.shared + static_shared, registers=registers, stack=stack,
+                tma_reduce_add=TMA_REDUCE_ADD in compiled.asm["ptx"])
 
 
 def child_main() -> None:
@@ -316,14 +348,20 @@ def test_every_launched_kernel_fits_sm80_and_sm90(monkeypatch):
     records = distinct([record for capability in (8, 9) for record in record_launches(capability, monkeypatch)])
     launched = {record["kernel"][1] for record in records}
     assert {"_logit_partials_kernel", "_finalize_kernel", "_statistics_partials_kernel",
-            "_finalize_statistics_kernel", "_epilogue_gradient_kernel"} <= launched, launched
+            "_finalize_statistics_kernel", "_epilogue_gradient_kernel", "_grad_weight_kernel"} <= launched, launched
+    # the dW kernel on sm_90: TMA, storing the first chunk's dW and adding the later chunks' by the reduce-add
+    assert {(True, False), (True, True)} <= {(r["kwargs"]["TMA"], r["kwargs"]["ACCUMULATE"]) for r in records
+                                             if r["kernel"][1] == "_grad_weight_kernel" and r["capability"] == 9}
     table, rows = _compiled_rows(json.dumps(records))
     print(f"\n{len(records)} distinct launches, {len(rows)} compiles\n{table}")
     assert len(rows) == len(records)
-    for row in rows:
+    for record, row in zip(records, rows):
         limit = SHARED_MEMORY_LIMITS[int(row["target"].removeprefix("sm_"))]
         assert row["shared"] <= limit, f"shared memory {row['shared']} > {limit}: {row}"
         assert row["stack"] == 0, f"register spills ({row['stack']} bytes of stack): {row}"
+        adds_by_tma = record["kernel"][1] == "_grad_weight_kernel" and record["kwargs"]["TMA"] and record[
+            "kwargs"]["ACCUMULATE"]
+        assert row["tma_reduce_add"] == adds_by_tma, f"{TMA_REDUCE_ADD} expected: {adds_by_tma}: {row}"
 
 
 def test_launch_config_answers_for_the_forced_capability_and_keeps_the_interpreter_apart():

@@ -3,10 +3,12 @@
 Imported only when a Triton path is asked for (see ``backends/__init__.py``).
 
 Launch configs. Every launcher of the package picks its block sizes, warps and pipeline stages with
-``launch_config(CONFIGS, device)``, from a ``KernelConfigs`` table: one ``LaunchConfig`` per CUDA device class
-(compute capability major), a fallback for other classes, and one for the interpreter. That call is the one place
-where the device's capability is read, so ``forced_capability(major)`` (a context) makes every launcher within it
-launch as it would on a device of that class, even on the CPU under the interpreter: the compile-limits test
+``launch_config(CONFIGS, device)``, from a ``KernelConfigs`` table: one config per CUDA device class (compute
+capability major), a fallback for other classes, and one for the interpreter. A config is a ``LaunchConfig``, or a
+kernel's own dataclass where its launcher needs more than constexprs, warps and stages (the fast path's epilogue:
+its vocabulary split and its finalize kernel's config; the dW kernel: its grid). That call is the one place where
+the device's capability is read, so ``forced_capability(major)`` (a context) makes every launcher within it launch
+as it would on a device of that class, even on the CPU under the interpreter: the compile-limits test
 (tests/test_triton_compile.py) drives the public entry points that way, records every launch and compiles each one
 for sm_80 and sm_90. A kernel added later joins that check by picking its config through ``launch_config``.
 """
@@ -14,7 +16,7 @@ for sm_80 and sm_90. A kernel added later joins that check by picking its config
 import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional
+from typing import Dict, Generic, Iterator, Optional, TypeVar
 
 import torch
 import triton
@@ -34,15 +36,18 @@ class LaunchConfig:
         return dict(self.blocks, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+Config = TypeVar("Config")  # a LaunchConfig, or a kernel's own config dataclass
+
+
 @dataclass(frozen=True)
-class KernelConfigs:
-    """One ``LaunchConfig`` per CUDA capability major, a fallback for the others, and one for the interpreter."""
+class KernelConfigs(Generic[Config]):
+    """One config per CUDA capability major, a fallback for the others, and one for the interpreter."""
 
-    by_capability: Dict[int, LaunchConfig] = field(hash=False)
-    fallback: LaunchConfig
-    interpreter: LaunchConfig
+    by_capability: Dict[int, Config] = field(hash=False)
+    fallback: Config
+    interpreter: Config
 
-    def for_capability(self, major: int) -> LaunchConfig:
+    def for_capability(self, major: int) -> Config:
         return self.by_capability.get(major, self.fallback)
 
 
@@ -75,7 +80,7 @@ def _device_capability(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
-def launch_config(configs: KernelConfigs, device: torch.device) -> LaunchConfig:
+def launch_config(configs: KernelConfigs[Config], device: torch.device) -> Config:
     """The config a launcher uses for a kernel on ``device`` (see the module's docstring)."""
     major = capability(device)
     return configs.interpreter if major is None else configs.for_capability(major)

@@ -25,15 +25,15 @@ has no descriptor reduce) and compiles for sm_80, where it saves nothing over ``
 chunk loop never picks it on a GPU (``grad_weight.py``).
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton import knobs
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ..backends._triton_utils import KernelConfigs, launch_config, multiprocessors
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class GradWeightConfig:
     num_warps: int
     num_stages: int
     tma: bool  # TMA loads and reduce-add (sm_90), else the pointer fallback
-    programs: int  # programs of the persistent grid at most (0: one per SM)
+    programs: int  # programs of the persistent grid at most (0: _triton_utils.multiprocessors)
 
 
 # sm_90: 128 x 128 x 64 tiles, 4 stages of 32 KiB of operands + 64 KiB for the float32 tile the
@@ -61,20 +61,8 @@ INTERPRETER_CONFIG = GradWeightConfig(block_m=16, block_n=16, block_k=16, group_
                                       tma=False, programs=3)
 
 
-def config_for(capability_major: int) -> GradWeightConfig:
-    """The CUDA config of a device class (compute capability major)."""
-    return SM90_CONFIG if capability_major >= 9 else SM80_CONFIG
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _config(device: torch.device) -> GradWeightConfig:
-    if knobs.runtime.interpret:
-        return INTERPRETER_CONFIG
-    return config_for(torch.cuda.get_device_capability(device)[0])
+# Compute capability 9 and later take the TMA config (the chunk loop launches the kernel only there, grad_weight.py).
+CONFIGS = KernelConfigs({8: SM80_CONFIG}, fallback=SM90_CONFIG, interpreter=INTERPRETER_CONFIG)
 
 
 @triton.jit
@@ -157,7 +145,7 @@ def accumulate_grad_weight(grad_weight: Tensor, dz: Tensor, rows: Tensor, alpha:
     assert k_rows > 0 and rows.shape[0] == k_rows and grad_weight.shape == (vocab_size, dim)
     assert dz.dtype == rows.dtype and grad_weight.dtype == torch.float32
     assert dz.stride(1) == 1 and rows.stride(1) == 1 and grad_weight.stride(1) == 1
-    config = _config(grad_weight.device)
+    config = launch_config(CONFIGS, grad_weight.device)
     if config.tma:
         operands = (TensorDescriptor.from_tensor(dz, [config.block_k, config.block_m]),
                     TensorDescriptor.from_tensor(rows, [config.block_k, config.block_n]),
@@ -165,9 +153,7 @@ def accumulate_grad_weight(grad_weight: Tensor, dz: Tensor, rows: Tensor, alpha:
     else:
         operands = (dz, rows, grad_weight)
     tiles = triton.cdiv(vocab_size, config.block_m) * triton.cdiv(dim, config.block_n)
-    device_index = grad_weight.device.index
-    programs = config.programs or _multiprocessors(torch.cuda.current_device() if device_index is None
-                                                   else device_index)
+    programs = config.programs or multiprocessors(grad_weight.device)
     _grad_weight_kernel[(min(programs, tiles),)](
         *operands,
         vocab_size, dim, k_rows,

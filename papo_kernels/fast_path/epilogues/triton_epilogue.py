@@ -35,10 +35,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton import knobs
 
-from ...backends._triton_utils import absorb_pair, clean_logit_gradient, grown, masked_logit_gradient, row_column
-from ...backends._triton_utils import initial_pair_state, store_statistics
+from ...backends._triton_utils import KernelConfigs, absorb_pair, clean_logit_gradient, grown, initial_pair_state
+from ...backends._triton_utils import launch_config, masked_logit_gradient, row_column, store_statistics
 from ... import partials
 from .contract import RowStatistics, UpstreamGradients
 
@@ -69,17 +68,8 @@ CUDA_CONFIG = EpilogueConfig(block_n=1, block_v=2048, split_v=8192, num_warps=8,
 # vocabularies have several splits and a tail.
 INTERPRETER_CONFIG = EpilogueConfig(block_n=4, block_v=32, split_v=64, num_warps=1, finalize_block_n=8,
                                     finalize_num_warps=1)
-
-
-def config_for(capability_major: int) -> EpilogueConfig:
-    """The CUDA config of a device class (compute capability major): one memory-bound config for sm_80 and sm_90."""
-    return CUDA_CONFIG
-
-
-def active_config() -> EpilogueConfig:
-    """The config the launchers use here: the interpreter's, or CUDA's."""
-    # the sweeps are memory-bound and need no per-device tuning, so no device query here
-    return INTERPRETER_CONFIG if knobs.runtime.interpret else config_for(9)
+# The sweeps are memory-bound: one config for every CUDA device class.
+CONFIGS = KernelConfigs({}, fallback=CUDA_CONFIG, interpreter=INTERPRETER_CONFIG)
 
 
 def workspace_bytes_per_token(vocab_size: int, paired: bool, itemsize: int) -> int:
@@ -303,7 +293,7 @@ def statistics_partials(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], 
                         config: Optional[EpilogueConfig] = None) -> Tensor:
     """The partial statistics of each vocabulary split: a float32 (fields, splits, C) tensor, the fields of
     ``PARTIAL_FIELDS`` (the first four when not paired), splits = ceil(V / split_v)."""
-    config = config or active_config()
+    config = config or launch_config(CONFIGS, logits.device)
     n, vocab_size = tokens.shape[0], logits.shape[1]
     assert logits.stride(1) == 1 and logits.shape[0] == (2 if paired else 1) * n
     assert config.split_v % config.block_v == 0
@@ -325,7 +315,7 @@ def statistics_partials(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], 
 def finalize_statistics(partials: Tensor, paired: bool, config: Optional[EpilogueConfig] = None) -> RowStatistics:
     """The per-token statistics from the partials of every vocabulary split (``statistics_partials``' layout;
     the splits of several vocabulary shards may be concatenated along the second axis)."""
-    config = config or active_config()
+    config = config or launch_config(CONFIGS, partials.device)
     fields, splits, n = partials.shape
     assert fields == (len(PARTIAL_FIELDS) if paired else SINGLE_PASS_FIELDS) and partials.stride(2) == 1
     outputs = torch.empty((7 if paired else 3, n), dtype=torch.float32, device=partials.device)
@@ -361,7 +351,7 @@ def row_partials(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], tempera
 def logit_gradient(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
                    stats: RowStatistics, grads: UpstreamGradients, out: Tensor,
                    config: Optional[EpilogueConfig] = None) -> None:
-    config = config or active_config()
+    config = config or launch_config(CONFIGS, logits.device)
     n, vocab_size = tokens.shape[0], logits.shape[1]
     assert out.stride(1) == 1 and out.shape == logits.shape
     stand_in = stats.lse  # for pointers that the constexpr flags never let the kernel read
