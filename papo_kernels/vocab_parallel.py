@@ -26,10 +26,12 @@ Communication per call, none of it of size V:
 - one all-gather of a few integers per rank before any heavy work (``agree_on_inputs``): the shapes,
   the ids' range and sum, the settings' fingerprint, and whether each rank's own checks passed; any
   disagreement or refusal is an error on every rank rather than a rank left waiting in a collective;
-- on the fast path, one all-reduce of the chunk size (min: ranks whose memory differs agree on it);
-- per row chunk (fast path) or per call (the LM-head ops' torch backend): an all-reduce (max) of one
-  float per token and pass, then an all-reduce (sum) of 3 floats per token for one pass, 7 for a
-  clean/masked pair;
+- on the fast path and the LM-head ops' chunks of library products (``backends/head_chunks.py``: the
+  triton backend, the torch backend on CUDA), one all-reduce of the chunk size per pass (min: ranks
+  whose memory or blocks differ agree on it);
+- per row chunk (fast path; head_chunks, forward and again in backward) or per call (the torch
+  backend's online-softmax chunks on the CPU): an all-reduce (max) of one float per token and pass,
+  then an all-reduce (sum) of 3 floats per token for one pass, 7 for a clean/masked pair;
 - in backward, one all-reduce (sum) of the hidden gradients, n x D per pass, unless ``"partial"``.
 
 The LM-head ops' reference backend, written for clarity, sums each statistic over the group by itself

@@ -13,9 +13,12 @@ import contextlib
 import pytest
 import torch
 
+from papo_kernels import partials
 from papo_kernels.backends import triton_logit_statistics as statistics
 from papo_kernels.backends._triton_utils import forced_capability
 from papo_kernels.fast_path.epilogues import torch_epilogue
+from papo_kernels.fast_path.epilogues.contract import RowStatistics
+from papo_kernels.vocab_parallel import VocabShard
 
 from backend_cases import assert_close, assert_within_budget, triton_device
 
@@ -146,6 +149,45 @@ def test_vocabulary_shards_add_up_between_the_two_steps():
     sharded = statistics.finalize_statistics(gathered, True).stats
     for name in whole._fields:
         assert_close(name, getattr(sharded, name).double(), getattr(whole, name).double(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["one_pass", "pair"])
+def test_rank_partials_merged_over_the_ranks_finalize_to_the_whole_statistics(paired):
+    """A vocabulary-parallel head's step 2 without the process group: each rank's tiles merged into
+    ``partials.FIELDS`` (``rank_partials``, ids local to the rank's block), merged over the ranks as the group's
+    all-reduce does (``partials.merge``), finalize to the whole head's statistics with its row maxima; and with those
+    maxima as the shift (the backward's), to the same l, H and KL, lse - m, and maxima of 0 (to rounding: a rank's
+    product of fewer columns may round apart from the whole head's)."""
+    device = triton_device()
+    rows, weight, bias_vector, tokens = make_case(37, 203, 40, paired, True, torch.float32, seed=11)
+    rows, weight, bias_vector = rows.float().to(device), weight.float().to(device), bias_vector.float().to(device)
+    tokens, count = tokens.to(device), tokens.shape[0]
+    hidden_masked = rows[count:] if paired else None
+    whole = statistics.head_statistics(rows[:count], hidden_masked, weight, bias_vector, tokens, 0.8)
+    blocks = [VocabShard(None, start, size, weight.shape[0], "all_reduce") for start, size in ((0, 120), (120, 83))]
+
+    def over_the_ranks(shift):
+        ranks = [statistics.rank_partials(statistics.logit_partials(
+            rows[:count], hidden_masked, weight[block.start:block.start + block.size],
+            bias_vector[block.start:block.start + block.size], block.local_ids(tokens), 0.8, shift=shift), paired)
+            for block in blocks]
+        merged = partials.merge(torch.stack(ranks, dim=1), dim=1)
+        return RowStatistics(*partials.finalize(merged, paired)), merged[partials.max_fields(paired)]
+
+    stats, maxima = over_the_ranks(None)
+    for name in whole.stats._fields:
+        want = getattr(whole.stats, name)
+        if want is not None:
+            assert_close(name, getattr(stats, name).double(), want.double(), rtol=2e-6, atol=2e-6)
+    assert_close("maxima", maxima.double(), whole.maxima.double(), rtol=2e-6, atol=2e-6)
+    shifted, shifted_maxima = over_the_ranks(whole.maxima)
+    for name in ("logprobs", "entropy", "logprobs_masked", "entropy_masked", "kl"):
+        want = getattr(whole.stats, name)
+        if want is not None:
+            assert_close(name, getattr(shifted, name).double(), want.double(), rtol=2e-6, atol=2e-6)
+    assert_close("lse - m", shifted.lse.double(), (whole.stats.lse - whole.maxima[0]).double(), rtol=2e-6, atol=2e-6)
+    assert_close("maxima of z - m", shifted_maxima.double(), torch.zeros_like(shifted_maxima).double(), rtol=0,
+                 atol=2e-6)
 
 
 def test_no_tokens():

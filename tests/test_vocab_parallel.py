@@ -9,6 +9,9 @@ response token) and runs every case. Here, in one process with the whole head, t
   and exact entropy, with and without bias, at three temperatures; loss and metrics are the same bits on
   every rank;
 - float32: within the error budget against the float64 truth (backend_cases.py);
+- the LM-head ops on every backend, and on head_chunks with the torch head (the torch backend's CUDA design) in
+  chunks of a few tokens whose count differs between the ranks' budgets, equal the single-process call to 1e-10
+  in float64; the triton backend under the interpreter keeps the single-process triton call's float32 error;
 - the hidden gradients left partial sum over the ranks to the gradient;
 - bad inputs are a ValueError on every rank, at once, and the group works after them.
 """
@@ -21,10 +24,14 @@ import pytest
 import torch
 
 from papo_kernels import linear_logprobs, papo_loss
+from papo_kernels.backends import head_chunks
+from papo_kernels.fast_path.chunk_loop import bytes_per_token, tokens_per_chunk
+from papo_kernels.fast_path.epilogues import torch_epilogue
 
 from backend_cases import assert_close, assert_within_budget
-from vocab_parallel_cases import FLOAT32_CASES, FLOAT64_CASES, OP_CASES, PARTIAL_CASE, SIZES, V, make_batch, run_case
-from vocab_parallel_cases import run_group, run_op
+from vocab_parallel_cases import FLOAT32_CASES, FLOAT32_OP_CASES, FLOAT32_OP_WORLD, FLOAT64_CASES, OP_CASES
+from vocab_parallel_cases import PARTIAL_CASE, SIZES, TINY_WORKSPACE, B, D, T, V, make_batch, run_case, run_group
+from vocab_parallel_cases import run_op
 
 WORLDS = sorted(SIZES)
 
@@ -142,6 +149,40 @@ def test_lm_head_ops_equal_one_process(ranks, name, op, backend, bias, temperatu
             assert_close(f"grad of {grad_name}", grad, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("ranks", [FLOAT32_OP_WORLD], indirect=True, ids=lambda world: f"{world}-ranks")
+@pytest.mark.parametrize("name, op, backend, bias, temperature", FLOAT32_OP_CASES,
+                         ids=[case[0] for case in FLOAT32_OP_CASES])
+def test_lm_head_ops_float32_keep_the_one_process_error(ranks, name, op, backend, bias, temperature):
+    """Against the float64 truth on the same rounded inputs: within 4x the single-process call's own error."""
+    results = results_of(ranks, "ops", name)
+    one_outputs, one_grads = run_op(batch(), op, backend, bias, temperature, dtype=torch.float32)
+    truth_outputs, truth_grads = run_op(rounded_to(torch.float32), op, "reference", bias, temperature)
+    for index, truth in enumerate(truth_outputs):
+        assert_same_on_every_rank(f"output {index}", [result[0][index] for result in results])
+        assert_within_budget(f"output {index}", results[0][0][index].double(), one_outputs[index].double(), truth,
+                             factor=4.0, atol=4e-7)
+    for grad_name, truth in truth_grads.items():
+        got = put_together(ranks, results, 1, grad_name)
+        for grad in [got] if grad_name in ("weight", "bias") else got:
+            assert grad.dtype == torch.float32
+            assert_within_budget(f"grad of {grad_name}", grad.double(), one_grads[grad_name].double(), truth,
+                                 factor=4.0, atol=4e-7)
+
+
+@pytest.mark.parametrize("op", ["logprobs", "perception_kl"])
+def test_head_chunks_ranks_alone_would_sweep_different_chunks(op):
+    """The premise of the head_chunks cases: at TINY_WORKSPACE the 2 ranks' blocks alone give different chunk sizes
+    (in forward and backward), so that the group runs its several chunks only by agreeing on one size."""
+    paired = op == "perception_kl"
+    sizes = SIZES[2]
+    forward = [head_chunks.TORCH_HEAD.forward_bytes_per_token(size, D, paired, torch.float64) for size in sizes]
+    backward = [bytes_per_token(size, D, paired, 8, False, torch_epilogue.workspace_bytes_per_token(size, paired, 8))
+                for size in sizes]
+    for per_token in (forward, backward):
+        chunks = {tokens_per_chunk(B * T, each, TINY_WORKSPACE) for each in per_token}
+        assert len(chunks) == 2 and max(chunks) < B * T, f"tokens per chunk on the 2 ranks: {chunks}"
+
+
 def expected_errors(world: int):
     """Per bad call: (rank -> the message its ValueError must match)."""
     last = world - 1
@@ -154,7 +195,6 @@ def expected_errors(world: int):
         "settings differ": "the ranks disagree on the settings",
         "ids differ": "completion_ids must be the same global ids on every rank",
         "op id outside the global vocabulary": re.escape(f"tokens must hold ids in [0, {V})"),
-        "op backend triton": "backend='triton' has no vocabulary-parallel form",
     }
     expected = {name: {rank: message for rank in range(world)} for name, message in everywhere.items()}
     refused = re.escape(f"rank(s) [{last}] of vocab_parallel_group refused their inputs")

@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from papo_kernels import PAPOLoss, linear_logprobs, linear_perception_kl, papo_loss
+from papo_kernels.backends import head_chunks
+from papo_kernels.vocab_parallel import check_linear_call, hidden_inputs
 
 from test_fast_path import B, D, T, V
 from test_fast_path import make_batch as fast_path_batch
@@ -97,11 +99,18 @@ FLOAT32_CASES = [
     Case("per_token-torch-float32", "per_token", "torch", **FULL_FLOAT32),
 ]
 LOSS_CASES = FLOAT64_CASES + [PARTIAL_CASE] + FLOAT32_CASES
-# The LM-head ops: (name, op, backend, bias, temperature)
+# The LM-head ops: (name, op, backend, bias, temperature). "head_chunks": head_chunks.py with the torch head (what
+# the torch backend runs on CUDA) called directly on the CPU tensors, at TINY_WORKSPACE.
 OP_CASES = [("perception_kl-reference", "perception_kl", "reference", True, 0.7),
             ("perception_kl-torch", "perception_kl", "torch", True, 1.3),
             ("logprobs-torch", "logprobs", "torch", False, 1.0),
-            ("logprobs-reference", "logprobs", "reference", True, 0.7)]
+            ("logprobs-reference", "logprobs", "reference", True, 0.7),
+            ("perception_kl-head_chunks", "perception_kl", "head_chunks", True, 0.7),
+            ("logprobs-head_chunks", "logprobs", "head_chunks", True, 1.3)]
+# The same in float32: the triton backend under the interpreter, in the 2-process group only (CI's time).
+FLOAT32_OP_CASES = [("perception_kl-triton-float32", "perception_kl", "triton", True, 0.7),
+                    ("logprobs-triton-float32", "logprobs", "triton", True, 1.3)]
+FLOAT32_OP_WORLD = 2
 
 
 def make_batch(seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -151,25 +160,46 @@ def run_case(batch, case: Case, rows: slice = slice(None), way: str = "papo_loss
 
 
 def run_op(batch, op: str, backend: str, bias: bool, temperature: float, rows: slice = slice(None),
-           **call_options):
-    """An LM-head op on every response position (ids in range), back-propagating fixed upstream gradients."""
+           dtype: torch.dtype = torch.float64, **call_options):
+    """An LM-head op on every response position (ids in range) in ``dtype``, back-propagating fixed upstream
+    gradients."""
     tokens = batch["completion_ids"].clamp(min=0)
     leaves = {"hidden": batch["hidden"], "weight": batch["weight"][rows]}
     if bias:
         leaves["bias"] = batch["bias"][rows]
     if op == "perception_kl":
         leaves["hidden_masked"] = batch["hidden_masked"]
-    leaves = {name: value.clone().requires_grad_() for name, value in leaves.items()}
-    if op == "perception_kl":
+    leaves = {name: value.to(dtype).clone().requires_grad_() for name, value in leaves.items()}
+    if backend == "head_chunks":
+        outputs = _head_chunks_op(op, leaves, tokens, temperature, **call_options)
+    elif op == "perception_kl":
         outputs = linear_perception_kl(leaves["hidden"], leaves["hidden_masked"], leaves["weight"], tokens,
                                        bias=leaves.get("bias"), temperature=temperature, backend=backend,
                                        **call_options)
     else:
         outputs = linear_logprobs(leaves["hidden"], leaves["weight"], tokens, bias=leaves.get("bias"),
                                   temperature=temperature, backend=backend, **call_options)
-    total = sum((output * upstream).sum() for output, upstream in zip(outputs, batch["upstream"]))
+    total = sum((output * upstream.to(dtype)).sum() for output, upstream in zip(outputs, batch["upstream"]))
     total.backward()
     return [output.detach() for output in outputs], {name: leaf.grad for name, leaf in leaves.items()}
+
+
+def _head_chunks_op(op: str, leaves, tokens, temperature: float, vocab_parallel_group=None):
+    """The op by ``head_chunks`` with the torch head at TINY_WORKSPACE (a few tokens a chunk, a different number on
+    each rank's block), called as the LM-head ops call a backend: the shard from their checks, the hidden states
+    through ``hidden_inputs`` (their gradients summed over the group), ids local to the rank's block."""
+    hidden, hidden_masked, weight, bias = (leaves.get(name) for name in ("hidden", "hidden_masked", "weight", "bias"))
+    temperature, shard = check_linear_call(vocab_parallel_group, "all_reduce", hidden, weight, tokens, bias,
+                                           temperature, "torch", hidden_masked=hidden_masked)
+    flat_hidden, flat_hidden_masked = hidden_inputs(
+        shard, *(None if h is None else h.reshape(-1, h.shape[-1]) for h in (hidden, hidden_masked)))
+    ids = tokens.reshape(-1) if shard is None else shard.local_ids(tokens.reshape(-1))
+    options = head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, TINY_WORKSPACE)
+    if op == "perception_kl":
+        outputs = head_chunks.linear_perception_kl(flat_hidden, flat_hidden_masked, weight, ids, bias, options, shard)
+    else:
+        outputs = head_chunks.linear_logprobs(flat_hidden, weight, ids, bias, options, shard)
+    return [output.reshape(tokens.shape) for output in outputs]
 
 
 # Bad inputs: each is a call every rank makes, with one rank's inputs (or every rank's) wrong. -> (what the
@@ -207,13 +237,11 @@ def _bad_calls(batch, rank: int, world: int):
         "ids differ": lambda: call(ids=other_ids if last else None),
         "one rank's bias block is not finite": lambda: call(bias=inf_bias if last else batch["bias"][rows]),
         "op id outside the global vocabulary": lambda: _linear_logprobs(batch, rows, out_of_range.clamp(min=0)),
-        "op backend triton": lambda: _linear_logprobs(batch, rows, batch["completion_ids"].clamp(min=0),
-                                                      backend="triton"),
     }
 
 
-def _linear_logprobs(batch, rows, tokens, backend="torch"):
-    return linear_logprobs(batch["hidden"], batch["weight"][rows], tokens, backend=backend,
+def _linear_logprobs(batch, rows, tokens):
+    return linear_logprobs(batch["hidden"], batch["weight"][rows], tokens, backend="torch",
                            vocab_parallel_group=dist.group.WORLD)
 
 
@@ -237,9 +265,11 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     for case in LOSS_CASES:
         results["losses"][case.name] = _recorded(lambda: run_case(batch, case, rows, vocab_parallel_group=group,
                                                                   vocab_parallel_hidden_grad=case.hidden_grad))
-    for name, op, backend, bias, temperature in OP_CASES:
-        results["ops"][name] = _recorded(lambda: run_op(batch, op, backend, bias, temperature, rows,
-                                                        vocab_parallel_group=group))
+    float32_cases = FLOAT32_OP_CASES if world == FLOAT32_OP_WORLD else []
+    for cases, dtype in ((OP_CASES, torch.float64), (float32_cases, torch.float32)):
+        for name, op, backend, bias, temperature in cases:
+            results["ops"][name] = _recorded(lambda: run_op(batch, op, backend, bias, temperature, rows, dtype,
+                                                            vocab_parallel_group=group))
     for way in ("module", "compiled"):
         results[way] = _recorded(lambda: run_case(batch, FLOAT64_CASES[0], rows, way, vocab_parallel_group=group))
     for name, bad_call in _bad_calls(batch, rank, world).items():

@@ -13,10 +13,11 @@ see ``reference.py`` for the semantics.
 - ``auto``: ``triton`` for CUDA tensors when Triton imports (``torch`` for float64 ones, and with one warning
   where Triton does not import), ``torch`` elsewhere.
 
-Over a vocabulary-parallel head (``sharded``) the ``reference`` and ``torch`` backends run, each with a
-``shard`` argument (``papo_kernels/vocab_parallel.py``), ``torch`` by its online-softmax chunks on every device;
-``auto`` is ``torch`` there (with one warning on CUDA, where the Triton backend and ``head_chunks.py`` have no
-vocabulary-parallel form yet).
+Over a vocabulary-parallel head every backend takes a ``shard`` argument (``papo_kernels/vocab_parallel.py``: this
+rank's block of rows, tokens as ids local to it) and ``auto`` picks as without one: ``triton`` and the torch
+backend's CUDA path run ``head_chunks.py`` with the rank's partials all-reduced per chunk, the torch backend's
+CPU path its online-softmax chunks with the rank's running state all-reduced, the reference backend sums each
+statistic over the group.
 
 Triton is imported only when the ``triton`` backend is asked for, never at package import.
 """
@@ -32,7 +33,6 @@ import torch
 from .._checks import check_choice
 
 BACKENDS = ("auto", "reference", "torch", "triton")
-SHARDED_BACKENDS = ("auto", "reference", "torch")  # over a vocabulary-parallel head
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 goes to the torch backend
 
@@ -93,26 +93,10 @@ def _triton_backend() -> SimpleNamespace:
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_sharded_on_cuda() -> None:
-    warnings.warn("papo_kernels: over a vocabulary-parallel head (vocab_parallel_group) the LM-head ops run the "
-                  "plain torch code (backend='auto' -> 'torch'): the Triton backend has no vocabulary-parallel "
-                  "form yet; papo_loss's fast path has one", RuntimeWarning, stacklevel=4)
-
-
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype,
-                    sharded: bool = False) -> Union[ModuleType, SimpleNamespace]:
-    """The backend for ``name``; ``auto`` picks the best one available for inputs of ``device`` and ``dtype``,
-    over a vocabulary-parallel head when ``sharded``."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Union[ModuleType, SimpleNamespace]:
+    """The backend for ``name``; ``auto`` picks the best one available for inputs of ``device`` and ``dtype``."""
     check_choice("backend", name, BACKENDS)
     device = torch.device(device)
-    if sharded:
-        if name == "triton":
-            raise ValueError(f"backend='triton' has no vocabulary-parallel form yet; with vocab_parallel_group use "
-                             f"backend one of {list(SHARDED_BACKENDS)} (or papo_loss's fast path)")
-        if name == "auto" and device.type == "cuda":
-            _warn_sharded_on_cuda()
-        return _MODULES["torch" if name == "auto" else name]
     if name == "auto":
         name = "triton" if _triton_on_cuda(device, dtype) else "torch"
     if name != "triton":

@@ -26,6 +26,15 @@ alpha undoes). The public per-token ops take no budget and run at the policy (``
 is the fast path's); ``head_options``' ``workspace_bytes`` (the torch backend's ``temporary_bytes`` on CUDA; tests)
 overrides it.
 
+Over a vocabulary-parallel head (``shard``: this rank's ``vocab_parallel.VocabShard``; weight and bias are its
+block of rows, tokens ids local to it, ``partials.NOT_HERE`` where another rank holds the token) each chunk's
+statistics are those of the whole vocabulary: the head's partials over the rank's columns, all-reduced over the
+group (``vocab_parallel.all_reduce_partials``: the maxima, then the rescaled sums, O(C) floats) and finalized
+(``partials.finalize``), the same on every rank. The backward forms dZ on the rank's columns from them: the weight
+and bias gradients are the rank's block's, complete; the hidden gradients are this rank's part, dZ W over its
+columns, which the ops sum over the group in backward (``vocab_parallel.hidden_inputs``). The ranks agree on the
+chunk size (``vocab_parallel.agreed_chunk``), so that every rank runs the same collectives.
+
 Matrix work: 2 N D V per pass forward, 2 N D V recomputed and 4 N D V of gradients per pass backward (16 N D V for
 both passes, against 12 N D V for ``papo_loss``'s fast path, which keeps the gradient of its forward). Only inputs
 are saved; a second backward through the same graph works, unlike the fast path's.
@@ -39,12 +48,14 @@ import torch
 from torch import Tensor
 
 from .._guards import fused_backward
+from ..fast_path import chunk_loop
 from ..fast_path.chunk_loop import FastPathOptions, MatrixProducts, bytes_per_token, tokens_per_chunk
 from ..fast_path.epilogues import torch_epilogue
 from ..fast_path.epilogues.contract import RowStatistics, UpstreamGradients
 from ..fast_path.grad_weight import resolve_grad_weight_kernel
 from ..fast_path.half_dz import chunk_scale, dz_dtype, scaled
 from ..fast_path.workspace import resolve_workspace_bytes
+from ..vocab_parallel import VocabShard, agreed_chunk
 from .reference import compute_dtype
 
 
@@ -56,7 +67,7 @@ class HeadStatistics(NamedTuple):
 
 
 # statistics(weight, products, hidden_rows, hidden_masked_rows or None, tokens, bias, temperature, logits or None,
-#            shift or None) -> HeadStatistics
+#            shift or None, shard or None) -> HeadStatistics
 ChunkStatistics = Callable[..., HeadStatistics]
 
 
@@ -67,7 +78,8 @@ class ChunkedHead:
     - ``name``: the backend's name, for messages.
     - ``statistics``: a chunk's statistics; with a ``logits`` buffer it also leaves the chunk's logits there in the
       state its epilogue's ``logit_gradient`` reads. With ``shift`` (the maxima a forward returned for these rows)
-      the head computes on z - m.
+      the head computes on z - m. With ``shard`` (a ``VocabShard``) the statistics are the whole vocabulary's,
+      from the partials of the rank's columns all-reduced over the group; the maxima too.
     - ``epilogue``: the fast-path epilogue whose ``logit_gradient`` gives dZ.
     - ``forward_bytes_per_token(V, D, paired, dtype)``: the forward's workspace per token.
     - ``forward_needs_logits``: whether the forward's statistics need a logits buffer.
@@ -84,13 +96,16 @@ class ChunkedHead:
 
 
 def _torch_statistics(weight, products: MatrixProducts, hidden_rows, hidden_masked_rows, tokens, bias, temperature,
-                      logits, shift) -> HeadStatistics:
-    """The library product into ``logits``, then the torch epilogue's statistics (which leave log p there; its log p
-    = z - lse needs no shift: its entropy comes from the same rounded log p)."""
+                      logits, shift, shard) -> HeadStatistics:
+    """The library product into ``logits``, then the torch epilogue's statistics, over a vocabulary-parallel head its
+    partials all-reduced and finalized (``chunk_loop.statistics``, as on the fast path). Either leaves z in
+    ``logits``, which ``logit_gradient`` turns into log p = z - lse: no shift needed, its entropy comes from the same
+    rounded log p."""
     paired = hidden_masked_rows is not None
     rows = torch.cat([hidden_rows, hidden_masked_rows]) if paired else hidden_rows
     products.logits(rows, out=logits)
-    return HeadStatistics(torch_epilogue.statistics(logits, tokens, bias, temperature, paired), None)
+    return HeadStatistics(chunk_loop.statistics(torch_epilogue, logits, tokens, bias, temperature, paired, shard),
+                          None)
 
 
 def _torch_forward_bytes_per_token(vocab_size: int, dim: int, paired: bool, dtype: torch.dtype) -> int:
@@ -136,15 +151,22 @@ def head_options(head: ChunkedHead, temperature: float, workspace_bytes: Optiona
     return HeadOptions(head, FastPathOptions(float(temperature), workspace_bytes))
 
 
+def _chunk_size(n: int, per_token: int, budget: int, shard: Optional[VocabShard], device: torch.device) -> int:
+    """Tokens per chunk; over a vocabulary-parallel head the smallest of the ranks' (their blocks differ in size)."""
+    chunk = tokens_per_chunk(n, per_token, budget)
+    return chunk if shard is None else agreed_chunk(chunk, shard, device)
+
+
 def forward_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                       tokens: Tensor, options: HeadOptions) -> HeadStatistics:
-    """The per-token statistics of all N tokens, a chunk at a time, and the head's row maxima (passes, N)."""
+                       tokens: Tensor, options: HeadOptions, shard: Optional[VocabShard] = None) -> HeadStatistics:
+    """The per-token statistics of all N tokens, a chunk at a time, and the head's row maxima (passes, N); over a
+    vocabulary-parallel head (``shard``) the whole vocabulary's."""
     n, dim = hidden.shape
     paired = hidden_masked is not None
     head = options.head
     per_token = head.forward_bytes_per_token(weight.shape[0], dim, paired, hidden.dtype)
     budget = resolve_workspace_bytes(options.chunking.workspace_bytes, hidden.device, "addmm", per_token)
-    chunk = tokens_per_chunk(n, per_token, budget)
+    chunk = _chunk_size(n, per_token, budget, shard, hidden.device)
     products = logits = None
     if head.forward_needs_logits:
         products = MatrixProducts(weight)
@@ -157,7 +179,7 @@ def forward_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: 
         parts.append(head.statistics(
             weight, products, hidden[rows], None if hidden_masked is None else hidden_masked[rows], tokens[rows],
             bias, options.chunking.temperature, None if logits is None else logits[:(2 if paired else 1) * count],
-            None))
+            None, shard))
     if not parts:
         empty = hidden.new_empty(0, dtype=compute_dtype(hidden.dtype))
         return HeadStatistics(RowStatistics(*[empty] * (7 if paired else 3)), None)
@@ -167,8 +189,9 @@ def forward_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: 
     return HeadStatistics(stats, maxima)
 
 
-def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions):
-    """Gradients for (hidden, hidden_masked, weight, bias); None where not wanted or identically zero.
+def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions, shard: Optional[VocabShard] = None):
+    """Gradients for (hidden, hidden_masked, weight, bias); None where not wanted or identically zero. Over a
+    vocabulary-parallel head (``shard``): the block's weight and bias gradients, this rank's part of the hidden ones.
 
     saved: (hidden, hidden_masked, weight, bias, tokens, maxima), hidden_masked None for one pass, maxima the
     forward's (passes, N) row maxima or None; grads: (g_l, g_l~, g_H, g_H~, g_KL), None where absent;
@@ -211,8 +234,8 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions):
     epilogue = options.head.epilogue
     per_token = bytes_per_token(vocab_size, dim, passes == 2, itemsize, dz_buffer_dtype is not None,
                                 epilogue.workspace_bytes_per_token(vocab_size, passes == 2, itemsize))
-    chunk = tokens_per_chunk(n, per_token, resolve_workspace_bytes(options.chunking.workspace_bytes, device,
-                                                                   grad_weight_kernel, per_token))
+    chunk = _chunk_size(n, per_token, resolve_workspace_bytes(options.chunking.workspace_bytes, device,
+                                                              grad_weight_kernel, per_token), shard, device)
     logits_buffer = torch.empty(passes * chunk, vocab_size, dtype=result_dtype, device=device)
     dz_buffer = None if dz_buffer_dtype is None else torch.empty(passes * chunk, vocab_size, dtype=dz_buffer_dtype,
                                                                  device=device)
@@ -241,7 +264,7 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions):
         logits = logits_buffer[:passes * count]
         stats = options.head.statistics(
             weight, products, chunk_rows[:count], chunk_rows[count:] if passes == 2 else None, tokens[rows], bias,
-            temperature, logits, None if shifts is None else shifts[:, rows].contiguous()).stats
+            temperature, logits, None if shifts is None else shifts[:, rows].contiguous(), shard).stats
         upstream = UpstreamGradients(*(g[rows] for g in slots))
         # dz is linear in the upstream gradients: a float16 dz is made from scaled ones, the products unscale
         dz = logits if dz_buffer is None else dz_buffer[:passes * count]
@@ -280,21 +303,22 @@ def _logprobs_gradients(ctx, logprob_grad, entropy_grad):
     needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_hidden, _, grad_weight, grad_bias = backward_gradients(
         (hidden, None, weight, bias, tokens, maxima), (logprob_grad, None, entropy_grad, None, None),
-        (needs_hidden, False, needs_weight, needs_bias), ctx.options)
-    return grad_hidden, grad_weight, grad_bias, None, None
+        (needs_hidden, False, needs_weight, needs_bias), ctx.options, ctx.shard)
+    return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def _perception_kl_gradients(ctx, *grads):
-    return *backward_gradients(ctx.saved_tensors, grads, ctx.needs_input_grad[:4], ctx.options), None, None
+    return (*backward_gradients(ctx.saved_tensors, grads, ctx.needs_input_grad[:4], ctx.options, ctx.shard), None,
+            None, None)
 
 
 class HeadChunksLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, options: HeadOptions):
-        stats, maxima = forward_statistics(hidden, None, weight, bias, tokens, options)
+    def forward(ctx, hidden, weight, bias, tokens, options: HeadOptions, shard: Optional[VocabShard]):
+        stats, maxima = forward_statistics(hidden, None, weight, bias, tokens, options, shard)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, tokens, maxima)
-        ctx.options = options
+        ctx.options, ctx.shard = options, shard
         return stats.logprobs, stats.entropy
 
     @staticmethod
@@ -305,11 +329,11 @@ class HeadChunksLogprobsFunction(torch.autograd.Function):
 
 class HeadChunksPerceptionKLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, hidden_masked, weight, bias, tokens, options: HeadOptions):
-        stats, maxima = forward_statistics(hidden, hidden_masked, weight, bias, tokens, options)
+    def forward(ctx, hidden, hidden_masked, weight, bias, tokens, options: HeadOptions, shard: Optional[VocabShard]):
+        stats, maxima = forward_statistics(hidden, hidden_masked, weight, bias, tokens, options, shard)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, hidden_masked, weight, bias, tokens, maxima)
-        ctx.options = options
+        ctx.options, ctx.shard = options, shard
         return stats.logprobs, stats.logprobs_masked, stats.entropy, stats.entropy_masked, stats.kl
 
     @staticmethod
@@ -318,13 +342,14 @@ class HeadChunksPerceptionKLFunction(torch.autograd.Function):
         return guarded(ctx, logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad)
 
 
-def linear_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], options: HeadOptions
-                    ) -> Tuple[Tensor, Tensor]:
-    """Same as ``reference.linear_logprobs``, by chunks of tokens on ``options.head``."""
-    return HeadChunksLogprobsFunction.apply(hidden, weight, bias, tokens, options)
+def linear_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], options: HeadOptions,
+                    shard: Optional[VocabShard] = None) -> Tuple[Tensor, Tensor]:
+    """Same as ``reference.linear_logprobs`` (``shard`` too), by chunks of tokens on ``options.head``."""
+    return HeadChunksLogprobsFunction.apply(hidden, weight, bias, tokens, options, shard)
 
 
 def linear_perception_kl(hidden: Tensor, hidden_masked: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor],
-                         options: HeadOptions) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Same as ``reference.linear_perception_kl``, by chunks of tokens on ``options.head``."""
-    return HeadChunksPerceptionKLFunction.apply(hidden, hidden_masked, weight, bias, tokens, options)
+                         options: HeadOptions, shard: Optional[VocabShard] = None
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Same as ``reference.linear_perception_kl`` (``shard`` too), by chunks of tokens on ``options.head``."""
+    return HeadChunksPerceptionKLFunction.apply(hidden, hidden_masked, weight, bias, tokens, options, shard)

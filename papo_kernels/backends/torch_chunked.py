@@ -1,11 +1,10 @@
 """The torch backend: the fused computation in plain PyTorch, chunked over vocabulary and rows.
 
-On CUDA tensors of a whole head it runs the chunked design of ``head_chunks.py`` with the torch epilogue: per chunk of tokens the
-library product ``[h; h~] W^T`` over the whole vocabulary, the epilogue's statistics and dZ, and the library
-products of the gradients (one float32 copy of a half weight would not fit the CPU's budget; the CUDA products
-take half inputs as they are), in chunks sized by ``temporary_bytes`` when given, else by the fast path's
-workspace policy. Elsewhere, and over a vocabulary-parallel head on any device (``head_chunks`` has no
-vocabulary-parallel form yet), what follows.
+On CUDA tensors it runs the chunked design of ``head_chunks.py`` with the torch epilogue: per chunk of tokens the
+library product ``[h; h~] W^T`` over the whole vocabulary (over a vocabulary-parallel head, the rank's block of
+it), the epilogue's statistics and dZ, and the library products of the gradients (one float32 copy of a half
+weight would not fit the CPU's budget; the CUDA products take half inputs as they are), in chunks sized by
+``temporary_bytes`` when given, else by the fast path's workspace policy. Elsewhere, what follows.
 
 For machines without Triton (CPUs, macOS). The logits z = (h @ W.T + b) / tau are
 built one (rows x vocabulary) block at a time; per row an online softmax keeps the
@@ -326,9 +325,9 @@ def linear_logprobs(
 ) -> Tuple[Tensor, Tensor]:
     """Same as ``reference.linear_logprobs``, chunked so that temporaries stay under ``temporary_bytes`` (None: the
     workspace policy on CUDA, 256 MiB elsewhere)."""
-    if hidden.device.type == "cuda" and shard is None:
+    if hidden.device.type == "cuda":
         options = head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
-        return head_chunks.linear_logprobs(hidden, weight, tokens, bias, options)
+        return head_chunks.linear_logprobs(hidden, weight, tokens, bias, options, shard)
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
                             DEFAULT_TEMPORARY_BYTES if temporary_bytes is None else temporary_bytes, shard)
     return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, tokens, options)
@@ -340,9 +339,9 @@ def linear_perception_kl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Same as ``reference.linear_perception_kl``, chunked so that temporaries stay under ``temporary_bytes`` (None:
     the workspace policy on CUDA, 256 MiB elsewhere)."""
-    if hidden.device.type == "cuda" and shard is None:
+    if hidden.device.type == "cuda":
         options = head_chunks.head_options(head_chunks.TORCH_HEAD, temperature, temporary_bytes)
-        return head_chunks.linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, options)
+        return head_chunks.linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, options, shard)
     options = chunk_options(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, temperature,
                             DEFAULT_TEMPORARY_BYTES if temporary_bytes is None else temporary_bytes, shard)
     return ChunkedLinearPerceptionKLFunction.apply(hidden, hidden_masked, weight, bias, tokens, options)

@@ -15,6 +15,10 @@ Two steps, kept apart so that partials of several vocabulary shards can be gathe
 Token ids outside [0, V) match no column: their logit stays 0 (a vocabulary shard's partials, with the ids
 shifted by the shard's start, add up across shards).
 
+Over a vocabulary-parallel head (``shard``) step 2 is ``sharded_statistics`` instead: the tiles' partials merged
+into the rank's partials in ``partials.FIELDS`` layout (``rank_partials``), all-reduced over the group
+(``vocab_parallel.all_reduce_partials``) and finalized (``partials.finalize``), in torch ops on (fields, N) tensors.
+
 On sm_90 the operands come in through TMA (host-side tensor descriptors) when their rows are 16-byte aligned;
 elsewhere, and under the interpreter, through plain pointer loads.
 """
@@ -30,11 +34,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..fast_path.chunk_loop import MatrixProducts
 from ..fast_path.epilogues import triton_epilogue
 from ..fast_path.epilogues.contract import RowStatistics
+from ..partials import FIELDS, finalize, max_fields, merge
+from ..vocab_parallel import VocabShard, all_reduce_partials
 from .head_chunks import ChunkedHead, HeadStatistics
 from ._triton_utils import KernelConfigs, LaunchConfig, grown, initial_pair_state, last_dim_contiguous
 from ._triton_utils import launch_config, logit_dot_precision, multiprocessors, store_statistics
 
 PARTIAL_FIELDS = {False: 3, True: 7}  # (m, s, t), then (m~, s~, t~, u) for pairs
+TOKEN_LOGIT_FIELDS = [FIELDS.index("token_logit"), FIELDS.index("token_logit_masked")]  # in partials.FIELDS
 
 # Not measured on hardware yet (no GPU when they were set). Each compiles for its class within the shared memory
 # limit and without register spills (tests/test_triton_compile.py). A CTA's tile is two row groups of BLOCK_N rows
@@ -389,6 +396,32 @@ def finalize_statistics(partials: Partials, paired: bool) -> HeadStatistics:
     return HeadStatistics(RowStatistics(*outputs), maxima)
 
 
+def rank_partials(partials: Partials, paired: bool) -> Tensor:
+    """The per-tile partials of ``logit_partials`` merged over the vocabulary tiles into one (fields, N) tensor in
+    ``partials.FIELDS`` layout: (m, s, t, z_y) per pass, and for pairs the difference sum
+    w = sum e^(z - m)(z - z~) = t - u + (m - m~) s in place of the cross sum u. Of z - c where the GEMM had a shift
+    c: the maxima and z_y shifted by it, w by c - c~ times s; the KL that ``finalize`` forms is the same."""
+    tiles = partials.partials
+    no_token = torch.zeros_like(tiles[0])  # each tile's z_y: the token logits go in after the merge
+    if paired:
+        running_max, exp_sum, shifted_sum, running_max_masked, exp_sum_masked, shifted_sum_masked, cross_sum = tiles
+        difference_sum = shifted_sum - cross_sum + (running_max - running_max_masked) * exp_sum
+        fields = [running_max, exp_sum, shifted_sum, no_token,
+                  running_max_masked, exp_sum_masked, shifted_sum_masked, no_token, difference_sum]
+    else:
+        fields = [*tiles, no_token]
+    merged = merge(torch.stack(fields), dim=1)
+    merged[TOKEN_LOGIT_FIELDS[:len(partials.token_logits)]] = partials.token_logits
+    return merged
+
+
+def sharded_statistics(partials: Partials, paired: bool, shard: VocabShard) -> HeadStatistics:
+    """``finalize_statistics`` over a vocabulary-parallel head: the rank's partials (``rank_partials``) all-reduced
+    over the group and finalized, the same statistics on every rank, with the whole vocabulary's row maxima."""
+    merged = all_reduce_partials(rank_partials(partials, paired), shard)
+    return HeadStatistics(RowStatistics(*finalize(merged, paired)), merged[max_fields(paired)])
+
+
 def head_statistics(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                     tokens: Tensor, temperature: float, logits: Optional[Tensor] = None,
                     shift: Optional[Tensor] = None) -> HeadStatistics:
@@ -422,8 +455,12 @@ def chunk_statistics(rows: Tensor, weight: Tensor, bias: Optional[Tensor], token
 
 def _head_chunk_statistics(weight: Tensor, products: MatrixProducts, hidden_rows: Tensor,
                            hidden_masked_rows: Optional[Tensor], tokens: Tensor, bias: Optional[Tensor],
-                           temperature: float, logits: Optional[Tensor], shift: Optional[Tensor]) -> HeadStatistics:
-    return head_statistics(hidden_rows, hidden_masked_rows, weight, bias, tokens, temperature, logits, shift)
+                           temperature: float, logits: Optional[Tensor], shift: Optional[Tensor],
+                           shard: Optional[VocabShard]) -> HeadStatistics:
+    if shard is None:
+        return head_statistics(hidden_rows, hidden_masked_rows, weight, bias, tokens, temperature, logits, shift)
+    partials = logit_partials(hidden_rows, hidden_masked_rows, weight, bias, tokens, temperature, logits, shift)
+    return sharded_statistics(partials, hidden_masked_rows is not None, shard)
 
 
 def _forward_bytes_per_token(vocab_size: int, dim: int, paired: bool, dtype: torch.dtype) -> int:
@@ -434,6 +471,7 @@ def _forward_bytes_per_token(vocab_size: int, dim: int, paired: bool, dtype: tor
 # The per-token ops' head on Triton: the statistics by the GEMM above, dZ by the fast path's Triton epilogue. The
 # backward shifts each row by its maximum m from the forward: the stored z - m is exact near the maximum and
 # lse - m = log s is small, so that log p = (z - m) - log s keeps float32's precision where p is large (z - lse at
-# |z| ~ 10 would lose 4 bits there, in dz and every gradient).
+# |z| ~ 10 would lose 4 bits there, in dz and every gradient). Over a vocabulary-parallel head m is the whole
+# vocabulary's maximum, the same on every rank.
 TRITON_HEAD = ChunkedHead("triton", _head_chunk_statistics, triton_epilogue, _forward_bytes_per_token,
                           forward_needs_logits=False, scaled_logits=True)

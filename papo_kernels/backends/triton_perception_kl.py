@@ -3,7 +3,8 @@
 Forward: the GEMM with a statistics epilogue (``triton_logit_statistics.py``): tiles of ``[h; h~] W^T`` in float32
 accumulators, per-tile softmax partials, one finalize; the logits never reach memory. Backward: by chunks of tokens
 (``head_chunks.py``): the chunk's logits again by the same kernel in store mode, dZ by the fast path's Triton
-epilogue, dh and dW by library products.
+epilogue, dh and dW by library products. Over a vocabulary-parallel head (``shard``) the tiles' partials of the
+rank's columns are all-reduced over the group before the finalize, in forward and backward alike.
 """
 
 from typing import Optional, Tuple
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 from triton import knobs
 
+from ..vocab_parallel import VocabShard
 from . import TRITON_DTYPES
 from .head_chunks import head_options
 from .head_chunks import linear_perception_kl as chunked_linear_perception_kl
@@ -33,9 +35,10 @@ def check_triton_dtype(hidden: Tensor) -> None:
 
 
 def linear_perception_kl(
-    hidden: Tensor, hidden_masked: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float
+    hidden: Tensor, hidden_masked: Tensor, weight: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
+    shard: Optional[VocabShard] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Same as ``reference.linear_perception_kl``; the forward never stores the logits."""
+    """Same as ``reference.linear_perception_kl`` (``shard`` too); the forward never stores the logits."""
     check_triton_dtype(hidden)
     return chunked_linear_perception_kl(hidden, hidden_masked, weight, tokens, bias,
-                                        head_options(TRITON_HEAD, temperature))
+                                        head_options(TRITON_HEAD, temperature), shard)

@@ -37,8 +37,8 @@ def linear_logprobs(
         tokens: ``(...)`` integer ids in ``[0, V)``, one per hidden state.
         bias: optional ``(V,)`` LM-head bias.
         temperature: logits are divided by it, as at sampling time; > 0.
-        backend: ``"auto"`` or one of ``papo_kernels.BACKENDS``; over a vocabulary-parallel head
-            ``"reference"`` or ``"torch"`` (``"auto"`` is ``"torch"`` there).
+        backend: ``"auto"`` or one of ``papo_kernels.BACKENDS``, with or without a
+            vocabulary-parallel head (each one takes it; ``"auto"`` picks as without one).
         vocab_parallel_group: a ``torch.distributed`` process group over whose ranks the head is
             split by vocabulary rows, as in ``papo_loss``: ``weight`` (and ``bias``) are this
             rank's block of rows, ``tokens`` global ids, everything else the same on every rank;
@@ -60,7 +60,7 @@ def compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend,
                             shard: Optional[VocabShard] = None) -> LinearLogprobs:
     """``linear_logprobs`` on inputs that have passed its checks (``shard``: this rank's block of a
     vocabulary-parallel head)."""
-    ops = resolve_backend(backend, hidden.device, hidden.dtype, sharded=shard is not None)
+    ops = resolve_backend(backend, hidden.device, hidden.dtype)
 
     batch_shape = tokens.shape
     (flat_hidden,) = hidden_inputs(shard, hidden.reshape(-1, hidden.shape[-1]))
