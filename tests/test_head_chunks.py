@@ -105,3 +105,20 @@ def test_a_float16_dz_keeps_gradients_of_order_1e9(backend, monkeypatch):
     for name, value in truth.items():
         assert_within_budget(f"grad of {name}", kernel[name], same_dtype[name], value, factor=4.0, atol=2e-3,
                              scale_to_truth=True)
+
+
+@pytest.mark.parametrize("poisoned, kept", [("hidden", "hidden_masked"), ("hidden_masked", "hidden")])
+@pytest.mark.parametrize("backend", ["head_chunks", "triton"], ids=["torch_head", "triton_head"])
+def test_a_nan_in_one_pass_stays_out_of_the_other_pass_without_a_kl_gradient(backend, poisoned, kept):
+    """Both passes' entropies and log-probs take gradients and the KL none: each pass's dZ reads only its own pass,
+    so a NaN row of one pass (given for its metrics, say) leaves the other pass's hidden gradient finite and equal to
+    the clean run's (the coupling KL term must not enter as 0 x NaN)."""
+    n, v, d = 11, 40, 16
+    inputs = cast(make_inputs(n, v, d, bias=True, seed=11), torch.float32)
+    upstream = upstream_gradients(n, "perception_kl", ("logprobs", "entropy", "logprobs_masked", "entropy_masked"))
+    clean = run_op(backend, "perception_kl", inputs, 0.8, upstream, temporary_bytes=3000)[1]
+    nan_inputs = dict(inputs, **{poisoned: inputs[poisoned].clone()})
+    nan_inputs[poisoned][3] = float("nan")
+    grads = run_op(backend, "perception_kl", nan_inputs, 0.8, upstream, temporary_bytes=3000)[1]
+    assert grads[poisoned].isnan().any()
+    assert torch.equal(grads[kept], clean[kept])

@@ -202,12 +202,15 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions, sha
     plan = GradientPlan.make(grads, needs_hidden, needs_hidden_masked, needs_weight or needs_bias)
     if not (plan.clean_dz or plan.masked_dz):
         return None, None, None, None
-    # Absent upstream gradients go in as zeros: the epilogue then runs in one of two variants (one pass, or a pair
-    # with every term) instead of one per subset of gradients, at a few more operations per logit in a sweep that
-    # memory bounds. Zero-weighted terms add exact zeros (every factor is finite).
+    # Absent upstream gradients of the log-probs and entropies go in as zeros: the epilogue then runs in one of three
+    # variants (one pass, a pair, a pair with the KL) instead of one per subset of gradients, at a few more
+    # operations per logit in a sweep that memory bounds. A zero-weighted term adds exact zeros where its pass is
+    # finite, and a pass's dZ reads only its own pass. The KL's gradient, which couples the passes, stays None when
+    # absent: a NaN in one pass (given for its metrics alone) must not reach the other pass's dZ through 0 x NaN.
     present = next(g for g in grads if g is not None)
-    logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad, kl_grad = (
-        torch.zeros_like(present) if g is None else g for g in grads)
+    logprob_grad, logprob_masked_grad, entropy_grad, entropy_masked_grad = (
+        torch.zeros_like(present) if g is None else g for g in grads[:4])
+    kl_grad = grads[4]
     # The passes whose logits dZ needs, clean first, and the upstream gradients in the epilogue's slots: a lone
     # masked pass takes the clean slot (without the KL, the two passes' formulas are the same).
     if plan.clean_logits and plan.masked_logits:
@@ -249,7 +252,7 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions, sha
 
     shifts = None if maxima is None else maxima[list(pass_inputs)]
     if options.head.scaled_logits:  # the logits are z: dZ with respect to them, times 1 / tau
-        slots = tuple(g / temperature for g in slots)
+        slots = tuple(None if g is None else g / temperature for g in slots)
         gradient_bias, gradient_temperature = None, 1.0
     else:
         gradient_bias, gradient_temperature = bias, temperature
@@ -265,7 +268,7 @@ def backward_gradients(saved, grads, needs_input_grad, options: HeadOptions, sha
         stats = options.head.statistics(
             weight, products, chunk_rows[:count], chunk_rows[count:] if passes == 2 else None, tokens[rows], bias,
             temperature, logits, None if shifts is None else shifts[:, rows].contiguous(), shard).stats
-        upstream = UpstreamGradients(*(g[rows] for g in slots))
+        upstream = UpstreamGradients(*(None if g is None else g[rows] for g in slots))
         # dz is linear in the upstream gradients: a float16 dz is made from scaled ones, the products unscale
         dz = logits if dz_buffer is None else dz_buffer[:passes * count]
         scale = chunk_scale(upstream, dz.dtype)
