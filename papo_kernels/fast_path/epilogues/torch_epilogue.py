@@ -45,14 +45,17 @@ def statistics(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperatu
         lse_masked = torch.logsumexp(z[n:], dim=1)
         log_q = z[n:] - lse_masked[:, None]
         logprobs_masked = _at_tokens(log_q, tokens)
-        entropy_masked = -torch.linalg.vecdot(log_q.exp(), log_q)
+        entropy_masked = -log_q.exp().mul_(log_q).sum(1)  # H~ = -sum q log q
     log_p = z[:n] - lse[:, None]
-    p = log_p.exp()
     logprobs = _at_tokens(log_p, tokens)
-    entropy = -torch.linalg.vecdot(p, log_p)  # H = -sum p log p
+    p = log_p.exp()
+    # the products go in place of a factor no longer needed: no (C, V) temporary beyond log q, log p and p
+    if paired:
+        difference = log_q.sub_(log_p).neg_()  # log p - log q, exactly as rounded by a - b
+        kl = difference.mul_(p).sum(1)  # KL(p || q) = sum p (log p - log q)
+    entropy = -log_p.mul_(p).sum(1)  # H = -sum p log p
     if not paired:
         return RowStatistics(logprobs, entropy, lse)
-    kl = torch.linalg.vecdot(p, log_p.sub_(log_q))  # KL(p || q) = sum p (log p - log q)
     return RowStatistics(logprobs, entropy, lse, logprobs_masked, entropy_masked, lse_masked, kl)
 
 
@@ -61,7 +64,8 @@ def _pass_partials(z: Tensor, tokens: Tensor):
     running_max = z.amax(1)
     shifted = z - running_max[:, None]
     exps = shifted.exp()
-    return [running_max, exps.sum(1), torch.linalg.vecdot(exps, shifted), _at_tokens(z, tokens)], exps
+    shifted_sum = shifted.mul_(exps).sum(1)  # t = sum e^(z - m) (z - m)
+    return [running_max, exps.sum(1), shifted_sum, _at_tokens(z, tokens)], exps
 
 
 def row_partials(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float,
@@ -71,7 +75,7 @@ def row_partials(logits: Tensor, tokens: Tensor, bias: Optional[Tensor], tempera
     fields, exps = _pass_partials(z[:n], tokens)
     if paired:
         masked_fields, _ = _pass_partials(z[n:], tokens)
-        fields += masked_fields + [torch.linalg.vecdot(exps, z[:n] - z[n:])]  # w = sum e^(z - m) (z - z~)
+        fields += masked_fields + [(z[:n] - z[n:]).mul_(exps).sum(1)]  # w = sum e^(z - m) (z - z~)
     return torch.stack(fields)
 
 
