@@ -2,7 +2,7 @@
 
 For one shape and epilogue, per workspace budget, the chunk loop's pieces run over all the
 chunks exactly as ``papo_kernels.fast_path.chunk_loop.run_chunks`` calls them, from the same
-public pieces (``MatrixProducts``, ``rows_per_chunk``, the epilogue module), each alone:
+public pieces (``MatrixProducts``, ``bytes_per_token`` and ``tokens_per_chunk``, the epilogue module), each alone:
 
 - ``logits GEMM``: ``[h; h~] @ W^T`` per chunk (the rows stacked with torch.cat, as the loop does);
 - ``dH GEMM``: ``dZ @ W`` once per chunk over the rows of both passes, as the loop does (W read
@@ -41,7 +41,7 @@ import torch
 
 import papo_kernels
 from papo_kernels.fast_path import resolve_epilogue
-from papo_kernels.fast_path.chunk_loop import MatrixProducts, bytes_per_token, rows_per_chunk
+from papo_kernels.fast_path.chunk_loop import MatrixProducts, bytes_per_token, tokens_per_chunk
 from papo_kernels.fast_path.epilogues.contract import UpstreamGradients
 from papo_kernels.fast_path.grad_weight import resolve_grad_weight_kernel
 from papo_kernels.fast_path.workspace import resolve_workspace_bytes
@@ -133,12 +133,11 @@ class ChunkStages:
         itemsize = torch.finfo(result_dtype).bits // 8
         self.half_dz = self.products.native_half  # the loop's rule, with a gradient wanted
         # the same calls as run_chunks makes
-        epilogue_bytes = self.epilogue.workspace_bytes_per_token(vocab_size, True, itemsize)
-        self.workspace_bytes = resolve_workspace_bytes(
-            budget.workspace_bytes, hidden.device, self.grad_weight,
-            bytes_per_token(vocab_size, dim, True, itemsize, self.half_dz, epilogue_bytes))
-        self.chunk = rows_per_chunk(n, vocab_size, dim, True, itemsize, self.half_dz, epilogue_bytes,
-                                    self.workspace_bytes)
+        per_token = bytes_per_token(vocab_size, dim, True, itemsize, self.half_dz,
+                                    self.epilogue.workspace_bytes_per_token(vocab_size, True, itemsize))
+        self.workspace_bytes = resolve_workspace_bytes(budget.workspace_bytes, hidden.device, self.grad_weight,
+                                                       per_token)
+        self.chunk = tokens_per_chunk(n, per_token, self.workspace_bytes)
         self.starts = list(range(0, n, self.chunk))
         device, c = hidden.device, self.chunk
         self.logits = self.products.logits(torch.cat([hidden[:c], self.hidden_masked[:c]]),

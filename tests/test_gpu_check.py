@@ -13,7 +13,7 @@ import torch
 from benchmarks import correctness, gpu_check, stages, vocab_parallel
 from benchmarks.correctness import CheckedPath, Checker, CheckCase
 from papo_kernels.fast_path import resolve_epilogue
-from papo_kernels.fast_path.chunk_loop import bytes_per_token, rows_per_chunk
+from papo_kernels.fast_path.chunk_loop import bytes_per_token, tokens_per_chunk
 from papo_kernels.fast_path.workspace import resolve_workspace_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,13 +77,13 @@ def test_stages_follow_the_chunk_loop(tiny_run):
     shape = stages.TINY_SHAPE
     for budget in stages.TINY_PLAN:
         module = resolve_epilogue(budget.epilogue, torch.device("cpu"), torch.float32)
-        epilogue_bytes = module.workspace_bytes_per_token(shape.v, True, 4)
-        workspace = resolve_workspace_bytes(budget.workspace_bytes, torch.device("cpu"), budget.grad_weight,
-                                            bytes_per_token(shape.v, shape.d, True, 4, False, epilogue_bytes))
+        per_token = bytes_per_token(shape.v, shape.d, True, 4, False,
+                                    module.workspace_bytes_per_token(shape.v, True, 4))
+        workspace = resolve_workspace_bytes(budget.workspace_bytes, torch.device("cpu"), budget.grad_weight, per_token)
         mine = {row["stage"]: row for row in rows if (row["epilogue"], row["dw"]) == (budget.epilogue,
                 budget.grad_weight) and row["workspace_mib"] and float(row["workspace_mib"]) * stages.MiB == workspace}
         assert set(mine) == set(stages.STAGE_FLOPS_PER_NDV) | {"other"}, (budget, mine)
-        chunk = rows_per_chunk(shape.n, shape.v, shape.d, True, 4, False, epilogue_bytes, workspace)
+        chunk = tokens_per_chunk(shape.n, per_token, workspace)
         for stage, row in mine.items():
             assert int(row["chunk_tokens"]) == chunk and int(row["chunks"]) == -(-shape.n // chunk)
             if stage != "other":

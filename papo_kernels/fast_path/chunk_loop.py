@@ -140,13 +140,6 @@ def tokens_per_chunk(n: int, per_token: int, workspace_bytes: int) -> int:
     return -(-n // chunks) if n else most
 
 
-def rows_per_chunk(n: int, vocab_size: int, dim: int, paired: bool, itemsize: int, half_dz: bool,
-                   epilogue_bytes_per_token: int, workspace_bytes: int) -> int:
-    """Tokens per chunk of the chunk loop: ``tokens_per_chunk`` at ``bytes_per_token``."""
-    per_token = bytes_per_token(vocab_size, dim, paired, itemsize, half_dz, epilogue_bytes_per_token)
-    return tokens_per_chunk(n, per_token, workspace_bytes)
-
-
 def statistics(epilogue, logits: Tensor, tokens: Tensor, bias: Optional[Tensor], temperature: float, paired: bool,
                shard: Optional["vocab_parallel.VocabShard"]) -> RowStatistics:
     """The epilogue's statistics of a chunk; over a vocabulary-parallel head, its partials over the rank's columns
@@ -203,11 +196,10 @@ def run_chunks(hidden: Tensor, hidden_masked: Optional[Tensor], weight: Tensor, 
     itemsize = torch.finfo(result_dtype).bits // 8
     dz_buffer_dtype = dz_dtype(options.dz_dtype, products.native_half, products.input_dtype)
     half_dz = wants_grad and dz_buffer_dtype is not None
-    epilogue_bytes = epilogue.workspace_bytes_per_token(vocab_size, paired, itemsize)
-    workspace_bytes = resolve_workspace_bytes(
-        options.workspace_bytes, device, grad_weight_kernel,
-        bytes_per_token(vocab_size, dim, paired, itemsize, half_dz, epilogue_bytes))
-    chunk = rows_per_chunk(n, vocab_size, dim, paired, itemsize, half_dz, epilogue_bytes, workspace_bytes)
+    per_token = bytes_per_token(vocab_size, dim, paired, itemsize, half_dz,
+                                epilogue.workspace_bytes_per_token(vocab_size, paired, itemsize))
+    chunk = tokens_per_chunk(n, per_token, resolve_workspace_bytes(options.workspace_bytes, device,
+                                                                   grad_weight_kernel, per_token))
     if shard is not None:
         chunk = vocab_parallel.agreed_chunk(chunk, shard, device)
         tokens = shard.local_ids(tokens)

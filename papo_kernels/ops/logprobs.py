@@ -65,10 +65,7 @@ def compute_linear_logprobs(hidden, weight, tokens, bias, temperature, backend,
     batch_shape = tokens.shape
     (flat_hidden,) = hidden_inputs(shard, hidden.reshape(-1, hidden.shape[-1]))
     flat_tokens = tokens.reshape(-1).long()
+    ids = flat_tokens if shard is None else shard.local_ids(flat_tokens)
     with no_autocast(hidden.device):
-        if shard is None:
-            logprobs, entropy = ops.linear_logprobs(flat_hidden, weight, flat_tokens, bias, temperature)
-        else:
-            logprobs, entropy = ops.linear_logprobs(flat_hidden, weight, shard.local_ids(flat_tokens), bias,
-                                                    temperature, shard)
+        logprobs, entropy = ops.linear_logprobs(flat_hidden, weight, ids, bias, temperature, shard)
     return LinearLogprobs(logprobs.reshape(batch_shape), entropy.reshape(batch_shape))

@@ -72,10 +72,7 @@ def compute_linear_perception_kl(hidden, hidden_masked, weight, tokens, bias, te
     dim = hidden.shape[-1]
     flat_hidden, flat_hidden_masked = hidden_inputs(shard, hidden.reshape(-1, dim), hidden_masked.reshape(-1, dim))
     flat_tokens = tokens.reshape(-1).long()
+    ids = flat_tokens if shard is None else shard.local_ids(flat_tokens)
     with no_autocast(hidden.device):
-        if shard is None:
-            outputs = ops.linear_perception_kl(flat_hidden, flat_hidden_masked, weight, flat_tokens, bias, temperature)
-        else:
-            outputs = ops.linear_perception_kl(flat_hidden, flat_hidden_masked, weight, shard.local_ids(flat_tokens),
-                                               bias, temperature, shard)
+        outputs = ops.linear_perception_kl(flat_hidden, flat_hidden_masked, weight, ids, bias, temperature, shard)
     return LinearPerceptionKL(*(out.reshape(batch_shape) for out in outputs))
