@@ -237,15 +237,15 @@ def check_path(h: Dict[str, object]) -> None:
                          f"got backend={h['backend']!r}")
 
 
-def _choose_path(h: Dict[str, object], wants_grad: bool, sharded: bool) -> str:
-    """``auto``: the fast path when a gradient is wanted (or the head is vocabulary-parallel, which the per-token
-    ops run on the reference and torch backends only) and nothing needs the per-token path, or when the backend
-    is an epilogue the per-token ops do not have (``native``). The settings passed ``check_path``."""
+def _choose_path(h: Dict[str, object], wants_grad: bool) -> str:
+    """``auto``: the fast path when a gradient is wanted and nothing needs the per-token path, or when the backend
+    is an epilogue the per-token ops do not have (``native``); the same with or without a vocabulary-parallel head,
+    which both paths take on every backend. The settings passed ``check_path``."""
     if h["path"] != "auto":
         return h["path"]
     fast_only = h["backend"] not in BACKENDS
     per_token_only = h["backend"] == "reference" or h["importance_sampling_level"] == "sequence"
-    return "fast" if fast_only or ((wants_grad or sharded) and not per_token_only) else "per_token"
+    return "fast" if fast_only or (wants_grad and not per_token_only) else "per_token"
 
 
 def _per_token_path(hidden, hidden_masked, weight, bias, tokens, batch: TokenBatch, objective: Objective,
@@ -456,7 +456,7 @@ def papo_loss(
     check_completion_values(completion_ids, completion_mask, vocab_size, h["max_completion_length"], bias)
     differentiable = (hidden, hidden_masked, weight, bias)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-    chosen_path = _choose_path(h, wants_grad, shard is not None)
+    chosen_path = _choose_path(h, wants_grad)
 
     with no_autocast(hidden.device):
         mask = completion_mask != 0
